@@ -1,0 +1,118 @@
+"""Resumable checkpoints: written atomically, found by "latest", pruned.
+
+Layout: ``<dir>/step_<N>/`` holds ``state/`` (the strategy's model, optimizer
+and scheduler), ``rng/rank_<R>.pt`` and ``meta.json`` (step, tokens seen,
+world size, W&B run id, recipe fingerprint), then ``COMPLETE`` last. Ranks
+write into ``<dir>/.partial-step_<N>/`` which rank 0 renames once everything
+is on disk, so a crash mid-save leaves only a partial folder that "latest"
+never picks and the next save clears.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+import re
+import shutil
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.distributed as dist
+
+from tunefleet.strategies.base import Strategy
+
+COMPLETE = "COMPLETE"
+_STEP_DIR = re.compile(r"^step_(\d+)$")
+
+
+def _barrier() -> None:
+    if dist.is_initialized():
+        dist.barrier()
+
+
+def _rank() -> int:
+    return dist.get_rank() if dist.is_initialized() else 0
+
+
+def rng_state() -> dict:
+    state = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state: dict) -> None:
+    random.setstate(state["python"])
+    np.random.set_state(state["numpy"])
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def complete_steps(root: str | Path) -> list[int]:
+    """Steps with a complete checkpoint under ``root``, ascending."""
+    root = Path(root)
+    if not root.is_dir():
+        return []
+    steps = []
+    for child in root.iterdir():
+        match = _STEP_DIR.match(child.name)
+        if match and (child / COMPLETE).is_file():
+            steps.append(int(match.group(1)))
+    return sorted(steps)
+
+
+def latest(root: str | Path) -> Path | None:
+    steps = complete_steps(root)
+    return Path(root) / f"step_{steps[-1]}" if steps else None
+
+
+def read_meta(path: str | Path) -> dict:
+    return json.loads((Path(path) / "meta.json").read_text())
+
+
+class CheckpointManager:
+    def __init__(self, root: str, keep_last: int):
+        self.root = Path(root)
+        self.keep_last = keep_last
+
+    def save(self, step: int, strategy: Strategy, meta: dict) -> Path:
+        """Collective: every rank calls it; returns the final folder."""
+        final = self.root / f"step_{step}"
+        partial = self.root / f".partial-step_{step}"
+        if _rank() == 0:
+            shutil.rmtree(partial, ignore_errors=True)
+            partial.mkdir(parents=True)
+        _barrier()
+        strategy.save(str(partial / "state"))
+        (partial / "rng").mkdir(exist_ok=True)
+        torch.save(rng_state(), partial / "rng" / f"rank_{_rank()}.pt")
+        _barrier()
+        if _rank() == 0:
+            (partial / "meta.json").write_text(json.dumps({**meta, "step": step}, indent=2))
+            (partial / COMPLETE).write_text("")
+            if final.exists():
+                shutil.rmtree(final)
+            partial.rename(final)
+            self.prune()
+        _barrier()
+        return final
+
+    def load(self, path: Path, strategy: Strategy) -> dict:
+        """Collective: restore strategy state, and this rank's RNG if the world size matches."""
+        meta = read_meta(path)
+        strategy.load(str(path / "state"))
+        rng_file = path / "rng" / f"rank_{_rank()}.pt"
+        world = dist.get_world_size() if dist.is_initialized() else 1
+        if meta.get("world_size") == world and rng_file.is_file():
+            set_rng_state(torch.load(rng_file, weights_only=False))
+        return meta
+
+    def prune(self) -> None:
+        for step in complete_steps(self.root)[: -self.keep_last]:
+            shutil.rmtree(self.root / f"step_{step}", ignore_errors=True)
+        for stale in self.root.glob(".partial-step_*"):
+            match = re.search(r"(\d+)$", stale.name)
+            if match and (self.root / f"step_{match.group(1)}").exists():
+                shutil.rmtree(stale, ignore_errors=True)

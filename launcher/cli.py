@@ -1,0 +1,114 @@
+"""`tunefleet` command line. User mistakes print one clear message and exit 2."""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+from typing import Annotated
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+from tunefleet.launcher.errors import RecipeError, UserError
+from tunefleet.launcher.recipe import Recipe, load_recipe, read_yaml
+
+app = typer.Typer(
+    name="tunefleet",
+    help="Fine-tune Hugging Face models on many machines from one YAML recipe.",
+    no_args_is_help=True,
+    pretty_exceptions_enable=False,
+    add_completion=False,
+)
+out = Console()
+err = Console(stderr=True)
+
+SetOption = Annotated[
+    list[str] | None,
+    typer.Option("--set", help="Override a recipe key, e.g. --set train.lr=1e-4 (repeatable; typed by the schema)."),
+]
+RecipeArg = Annotated[Path, typer.Argument(help="Recipe YAML file.", show_default=False)]
+
+
+def recipes_root() -> Path:
+    """The shipped `recipes/` folder (the checkout this package was installed from)."""
+    return Path(__file__).resolve().parent.parent / "recipes"
+
+
+@app.command()
+def launch(
+    recipe: RecipeArg,
+    overrides: SetOption = None,
+    address: Annotated[str | None, typer.Option(help="Ray cluster to join; default RAY_ADDRESS or an embedded local Ray.")] = None,
+    resume: Annotated[str, typer.Option(help="auto: continue from the latest checkpoint; never: refuse if checkpoints exist.")] = "auto",
+) -> None:
+    """Train: validate, plan, provision Ray workers and run the recipe."""
+    from tunefleet.launcher.driver import launch as run_launch
+
+    if resume not in ("auto", "never"):
+        raise UserError("--resume must be auto or never")
+    loaded = load_recipe(recipe, overrides or [])
+    run_launch(loaded, source=str(recipe), address=address, resume=resume)
+
+
+@app.command()
+def validate(recipes: Annotated[list[Path], typer.Argument(help="Recipe files.", show_default=False)]) -> None:
+    """Check recipes (schema, files, layout); list every problem. Exit 0 valid, 2 invalid."""
+    from tunefleet.launcher.driver import check_recipe
+
+    failed = False
+    for path in recipes:
+        try:
+            check_recipe(load_recipe(path), str(path))
+            out.print(f"[green]ok[/] {path}")
+        except RecipeError as exc:
+            failed = True
+            err.print(f"[red]invalid[/] {exc}", highlight=False)
+    if failed:
+        raise typer.Exit(2)
+
+
+def shipped_recipes() -> list[Path]:
+    return sorted(recipes_root().rglob("*.yaml"))
+
+
+@app.command("recipes")
+def list_recipes() -> None:
+    """List the shipped recipes, one line each."""
+    table = Table("recipe", "model", "method", "strategy", "workers", show_edge=False)
+    root = recipes_root()
+    for path in shipped_recipes():
+        raw = read_yaml(path)
+        par = raw.get("parallelism", {})
+        table.add_row(
+            str(path.relative_to(root)), str(raw.get("model", {}).get("path")),
+            str(raw.get("method", {}).get("kind", "full")), str(par.get("strategy", "ddp")),
+            f"{par.get('num_nodes', 1)}x{par.get('workers_per_node', 1)}",
+        )
+    out.print(table)
+
+
+@app.command()
+def schema() -> None:
+    """Print the recipe's JSON Schema (for editors)."""
+    sys.stdout.write(json.dumps(Recipe.model_json_schema(), indent=2) + "\n")
+
+
+def main() -> None:
+    import os
+
+    import torch
+
+    if not torch.cuda.is_available():
+        os.environ.setdefault("DS_ACCELERATOR", "cpu")  # DeepSpeed otherwise warns on every import
+    try:
+        app()
+    except UserError as exc:
+        err.print(f"[red]error:[/] {exc}", highlight=False)
+        sys.exit(exc.exit_code)
+    except KeyboardInterrupt:
+        err.print("interrupted")
+        sys.exit(130)
+
+

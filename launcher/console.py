@@ -1,0 +1,102 @@
+"""What the user sees during `tunefleet launch`: a header, a live progress bar
+fed by rank 0's metrics, and a summary table at the end."""
+
+from __future__ import annotations
+
+import contextlib
+import statistics
+from collections.abc import Iterator
+from pathlib import Path
+
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+from rich.table import Table
+
+
+class LaunchConsole:
+    def __init__(self, enabled: bool = True, console: Console | None = None):
+        self.enabled = enabled
+        self.console = console or Console(stderr=False)
+        self.train_rows: dict[int, dict] = {}
+        self.eval_rows: dict[int, float] = {}
+        self.finish: dict = {}
+        self.restarts = 0
+        self._max_steps = 0
+
+    def header(self, job, reason: str, data_meta: dict) -> None:
+        recipe, plan = job.recipe, job.strategy_plan
+        self._print(
+            f"[bold]tunefleet[/] {recipe.name}: {recipe.method.kind} fine-tuning of {recipe.model.path}\n"
+            f"  strategy [cyan]{plan.name}[/] ({reason}); {plan.world_size} worker(s) = "
+            f"{plan.num_nodes} node(s) x {plan.workers_per_node}\n"
+            f"  data: {data_meta['train_rows']} rows, {data_meta['train_tokens']} tokens "
+            f"({data_meta['truncated']} truncated), {data_meta['eval_rows']} eval rows\n"
+            f"  global batch {plan.micro_batch_size * plan.grad_accum_steps * plan.world_size} rows "
+            f"(micro {plan.micro_batch_size} x accum {plan.grad_accum_steps} x {plan.world_size} workers)\n"
+            f"  output: {recipe.output_dir}"
+        )
+
+    def _print(self, text: str) -> None:
+        if self.enabled:
+            self.console.print(text, highlight=False)
+
+    @contextlib.contextmanager
+    def progress(self, max_steps: int) -> Iterator[LaunchConsole]:
+        self._max_steps = max_steps
+        self._bar = Progress(
+            TextColumn("[bold]train"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+            TextColumn("eta"), TimeRemainingColumn(), TextColumn("{task.fields[stats]}"),
+            console=self.console, disable=not self.enabled,
+        )
+        self._task = self._bar.add_task("train", total=max_steps, stats="starting workers...")
+        with self._bar:
+            yield self
+
+    def update(self, events: list[dict]) -> None:
+        for event in events:
+            kind = event.get("event")
+            if kind == "start" and event.get("resumed_from"):
+                self.restarts += 1 if self.train_rows else 0
+                self._bar.console.print(f"resuming from {event['resumed_from']}")
+            elif kind == "metrics":
+                self._record(event)
+            elif kind == "finish":
+                self.finish = event
+
+    def _record(self, row: dict) -> None:
+        step = row["step"]
+        if "eval_loss" in row:
+            self.eval_rows[step] = row["eval_loss"]
+        if "loss" in row:
+            self.train_rows[step] = row
+            stats = f"loss {row['loss']:.4f}  {row['tokens_per_s']:,.0f} tok/s"
+            self._bar.update(self._task, completed=step, stats=stats)
+
+    def summary(self, output_dir: Path, wall_time_s: float) -> dict:
+        steps = sorted(self.train_rows)
+        rows = [self.train_rows[s] for s in steps]
+        steady = [r["tokens_per_s"] for r in rows[1:]] or [r["tokens_per_s"] for r in rows]
+        evals = [self.eval_rows[s] for s in sorted(self.eval_rows)]
+        summary = {
+            "steps": steps[-1] if steps else 0,
+            "tokens": rows[-1]["tokens_seen"] if rows else 0,
+            "tokens_per_s": statistics.median(steady) if steady else None,
+            "first_loss": rows[0]["loss"] if rows else None,
+            "last_loss": rows[-1]["loss"] if rows else None,
+            "eval_loss_before": evals[0] if evals else None,
+            "eval_loss_after": evals[-1] if evals else None,
+            "wall_time_s": round(wall_time_s, 1),
+            "output_dir": str(output_dir),
+            "final_dir": self.finish.get("final_dir"),
+            "metrics": str(output_dir / "metrics.jsonl"),
+        }
+        self._print_summary(summary)
+        return summary
+
+    def _print_summary(self, summary: dict) -> None:
+        table = Table(title="tunefleet run summary", show_header=False)
+        for key, value in summary.items():
+            text = f"{value:.4f}" if isinstance(value, float) else str(value)
+            table.add_row(key.replace("_", " "), text)
+        if self.enabled:
+            self.console.print(table)

@@ -1,0 +1,171 @@
+"""The driver: recipe -> checks -> plan -> prepared model/data -> Ray Train.
+
+Everything that can fail because of the user's input fails here, before an
+output folder is written or a worker started.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import threading
+import time
+import uuid
+from dataclasses import dataclass
+from pathlib import Path
+
+from tunefleet.launcher import checkpoint, data, modeling
+from tunefleet.launcher.console import LaunchConsole
+from tunefleet.launcher.errors import Problem, RecipeError, UserError
+from tunefleet.launcher.faults import parse as parse_fault
+from tunefleet.launcher.plan import make_plan
+from tunefleet.launcher.recipe import Recipe
+from tunefleet.launcher.train import Job
+
+RESOLVED_RECIPE = "recipe.resolved.yaml"
+_FORWARDED_ENV = ("TUNEFLEET_", "WANDB_", "HF_", "TRANSFORMERS_", "TORCH_EXTENSIONS_DIR", "RAY_TRAIN_", "DS_")
+
+
+def input_problems(recipe: Recipe) -> list[Problem]:
+    """Missing files and folders the recipe points at, all at once."""
+    problems = []
+    model_problem = modeling.check_model_path(recipe.model) or modeling.check_tiny_spec(recipe.model)
+    if model_problem:
+        problems.append(Problem("model.path", model_problem))
+    for i, source in enumerate(recipe.data.sources):
+        if not Path(source.path).is_file():
+            problems.append(Problem(f"data.sources.{i}.path", f"file {source.path} not found; fix the path"))
+    if recipe.data.eval and recipe.data.eval.path and not Path(recipe.data.eval.path).is_file():
+        problems.append(Problem("data.eval.path", f"file {recipe.data.eval.path} not found; fix the path"))
+    return problems
+
+
+def check_recipe(recipe: Recipe, source: str):
+    """Raise RecipeError with every input and layout problem; return (plan, reason)."""
+    problems = input_problems(recipe)
+    try:
+        plan, reason = make_plan(recipe, source)
+    except RecipeError as exc:
+        problems.extend(exc.problems)
+        plan = reason = None
+    if problems:
+        raise RecipeError(source, problems)
+    return plan, reason
+
+
+@dataclass(frozen=True)
+class LaunchResult:
+    output_dir: str
+    summary: dict
+
+
+def prepare_job(recipe: Recipe, source: str, resume: str) -> tuple[Job, str]:
+    plan, reason = check_recipe(recipe, source)
+    existing = checkpoint.latest(recipe.checkpoint_dir)
+    if existing is not None and resume == "never":
+        raise UserError(
+            f"{recipe.checkpoint_dir} already holds checkpoints (latest {existing.name}); "
+            "use --resume auto to continue, or a new output_dir"
+        )
+    model_path = modeling.resolve_model_path(recipe.model)
+    tokenizer = modeling.load_tokenizer(model_path)
+    data_dir = data.prepare(recipe.data, tokenizer, model_path, seed=recipe.train.seed)
+    job = Job(
+        recipe=recipe, strategy_plan=plan, model_path=model_path, data_dir=str(data_dir),
+        wandb_run_id=uuid.uuid4().hex[:12], fault=parse_fault(os.environ.get("TUNEFLEET_FAULT", "")),
+    )
+    return job, reason
+
+
+def _worker_env(recipe: Recipe) -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if k.startswith(_FORWARDED_ENV)}
+    env.setdefault("OMP_NUM_THREADS", str(recipe.parallelism.cpus_per_worker))
+    if not recipe.parallelism.use_gpu:
+        env.setdefault("DS_ACCELERATOR", "cpu")  # DeepSpeed otherwise warns on every import
+    return env
+
+
+def _connect(recipe: Recipe, address: str | None) -> None:
+    import ray
+
+    address = address or recipe.cluster.address or os.environ.get("RAY_ADDRESS")
+    if address:
+        ray.init(address=address, logging_level="WARNING", log_to_driver=True)
+        return
+    needed = recipe.parallelism.world_size * recipe.parallelism.cpus_per_worker
+    ray.init(num_cpus=max(os.cpu_count() or 1, needed), logging_level="WARNING")
+
+
+def _trainer(job: Job, queue):
+    from ray.train import FailureConfig, RunConfig, ScalingConfig
+    from ray.train.torch import TorchConfig, TorchTrainer
+
+    from tunefleet.launcher.worker import train_loop_per_worker
+
+    recipe, par = job.recipe, job.recipe.parallelism
+    return TorchTrainer(
+        train_loop_per_worker,
+        train_loop_config={"job": job, "queue": queue},
+        torch_config=TorchConfig(backend="nccl" if par.use_gpu else "gloo", timeout_s=par.collective_timeout_s),
+        scaling_config=ScalingConfig(
+            num_workers=par.world_size, use_gpu=par.use_gpu, resources_per_worker={"CPU": par.cpus_per_worker},
+            placement_strategy="STRICT_SPREAD" if par.num_nodes > 1 and par.workers_per_node == 1 else "PACK",
+        ),
+        run_config=RunConfig(
+            name=recipe.name, storage_path=str(Path(recipe.output_dir) / "ray"),
+            failure_config=FailureConfig(max_failures=recipe.fault_tolerance.max_restarts),
+            worker_runtime_env={"env_vars": _worker_env(recipe)},
+        ),
+    )
+
+
+def launch(recipe: Recipe, *, source: str, address: str | None = None, resume: str = "auto",
+           console: LaunchConsole | None = None) -> LaunchResult:
+    import ray
+    from ray.util.queue import Queue
+
+    console = console or LaunchConsole(enabled=recipe.logging.console)
+    job, reason = prepare_job(recipe, source, resume)
+    output_dir = Path(recipe.output_dir)
+    output_dir.mkdir(parents=True, exist_ok=True)
+    (output_dir / RESOLVED_RECIPE).write_text(_resolved_yaml(recipe, job, reason))
+    console.header(job, reason, data.cache_meta(Path(job.data_dir)))
+
+    started = time.time()
+    _connect(recipe, address)
+    try:
+        queue = Queue(maxsize=10_000)
+        failure: list[BaseException] = []
+        thread = threading.Thread(target=_fit, args=(_trainer(job, queue), failure), daemon=True)
+        thread.start()
+        with console.progress(recipe.train.max_steps) as progress:
+            while thread.is_alive():
+                progress.update(queue.get_nowait_batch(queue.qsize()) if queue.qsize() else [])
+                time.sleep(0.2)
+            progress.update(queue.get_nowait_batch(queue.qsize()) if queue.qsize() else [])
+        if failure:
+            raise failure[0]
+    finally:
+        ray.shutdown()
+    summary = console.summary(output_dir, wall_time_s=time.time() - started)
+    (output_dir / "summary.json").write_text(json.dumps(summary, indent=2))
+    return LaunchResult(output_dir=str(output_dir), summary=summary)
+
+
+def _fit(trainer, failure: list[BaseException]) -> None:
+    try:
+        trainer.fit()
+    except BaseException as exc:  # re-raised on the main thread
+        failure.append(exc)
+
+
+def _resolved_yaml(recipe: Recipe, job: Job, reason: str) -> str:
+    import yaml
+
+    resolved = recipe.model_dump(mode="json")
+    resolved["parallelism"]["strategy"] = job.strategy_plan.name
+    header = (
+        f"# Resolved by tunefleet: every default filled in, paths absolute.\n"
+        f"# strategy: {job.strategy_plan.name} ({reason})\n# model files: {job.model_path}\n"
+    )
+    return header + yaml.safe_dump(resolved, sort_keys=False)

@@ -1,0 +1,77 @@
+"""Recipe -> one validated, frozen plan before any process starts.
+
+The plan fixes the strategy (``auto`` resolved by the memory planner), the
+worker layout and the batch arithmetic; checks here reject a layout that
+cannot work and name the recipe key to change.
+"""
+
+from __future__ import annotations
+
+import os
+
+from tunefleet.launcher.errors import Problem, RecipeError
+from tunefleet.launcher.recipe import Recipe
+from tunefleet.strategies.base import StrategyPlan
+from tunefleet.strategies.compat import check_compatibility
+
+
+def layout_problems(recipe: Recipe, *, available_gpus: int | None = None) -> list[Problem]:
+    """Problems with the worker layout that no process needs to start to see."""
+    par = recipe.parallelism
+    problems = []
+    if par.use_gpu and available_gpus is not None and par.num_nodes == 1 and par.workers_per_node > available_gpus:
+        problems.append(Problem("parallelism.workers_per_node",
+                                f"{par.workers_per_node} workers need {par.workers_per_node} GPUs, this machine has "
+                                f"{available_gpus}; lower it or set parallelism.num_nodes"))
+    if par.use_gpu and available_gpus == 0 and recipe.cluster.address is None:
+        problems.append(Problem("parallelism.use_gpu", "no GPU found on this machine; set it to false to train on CPU"))
+    return problems
+
+
+def strategy_plan(recipe: Recipe, strategy: str) -> StrategyPlan:
+    par, train = recipe.parallelism, recipe.train
+    return StrategyPlan(
+        name=strategy,
+        world_size=par.world_size,
+        num_nodes=par.num_nodes,
+        workers_per_node=par.workers_per_node,
+        use_gpu=par.use_gpu,
+        micro_batch_size=train.micro_batch_size,
+        grad_accum_steps=train.grad_accum_steps,
+        mixed_precision=par.mixed_precision,
+        activation_checkpointing=par.activation_checkpointing,
+        cpu_offload=par.cpu_offload,
+        max_grad_norm=train.max_grad_norm,
+    )
+
+
+def resolve_strategy(recipe: Recipe) -> tuple[str, str]:
+    """(strategy name, reason); `auto` asks the memory planner."""
+    if recipe.parallelism.strategy != "auto":
+        return recipe.parallelism.strategy, "chosen in the recipe (parallelism.strategy)"
+    from tunefleet.launcher.planner import choose_strategy
+
+    return choose_strategy(recipe)
+
+
+def make_plan(recipe: Recipe, source: str = "recipe") -> tuple[StrategyPlan, str]:
+    """The frozen plan for a recipe and why its strategy was chosen; RecipeError lists all problems."""
+    problems = layout_problems(recipe, available_gpus=_local_gpus())
+    name, reason = resolve_strategy(recipe)
+    par = recipe.parallelism
+    for message in check_compatibility(
+        name, recipe.method.kind, use_gpu=par.use_gpu, cpu_offload=par.cpu_offload,
+        mixed_precision=par.mixed_precision,
+    ):
+        problems.append(Problem("parallelism.strategy" if "strategy" in message else "method.kind", message))
+    if problems:
+        raise RecipeError(source, problems)
+    return strategy_plan(recipe, name), reason
+
+
+def _local_gpus() -> int:
+    if os.environ.get("CUDA_VISIBLE_DEVICES") == "":
+        return 0
+    import torch
+
+    return torch.cuda.device_count()

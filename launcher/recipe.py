@@ -1,0 +1,350 @@
+"""The recipe: one YAML file that says what to fine-tune, on what, and how.
+
+Every section is a pydantic model with ``extra="forbid"`` and a description on
+every field; the descriptions feed ``--help``, ``tunefleet schema`` and the docs.
+Relative paths written in a recipe file resolve against that file's folder, so a
+recipe and its data travel together; paths given with ``--set`` resolve against
+the current directory, where the user typed them.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import re
+from pathlib import Path
+from typing import Annotated, Any, Literal
+
+import yaml
+from pydantic import (
+    AfterValidator,
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    ValidationInfo,
+    model_validator,
+)
+
+from tunefleet.launcher.errors import Problem, RecipeError
+
+TINY_PREFIX = "tiny:"
+_HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*(/[\w.-]+)?$")
+
+
+def _resolve_path(value: str, info: ValidationInfo) -> str:
+    if value.startswith(TINY_PREFIX) or "://" in value:
+        return value
+    path = Path(os.path.expanduser(value))
+    base = (info.context or {}).get("base_dir")
+    if not path.is_absolute() and base is not None:
+        path = Path(base) / path
+    return os.path.normpath(path.absolute())
+
+
+LocalPath = Annotated[str, AfterValidator(_resolve_path)]
+
+
+class Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True, validate_default=True)
+
+
+# --------------------------------------------------------------------------- model
+class ModelConfig(Section):
+    path: str = Field(
+        description="A local Hugging Face model folder, a hub id (needs network), or "
+        "`tiny:<arch>` for the project's tiny random-init test model (llama, qwen2, mistral).",
+    )
+    task: Literal["causal_lm", "sequence_classification"] = Field(
+        "causal_lm", description="What head to train: next-token prediction or a classifier."
+    )
+    num_labels: int | None = Field(
+        None, ge=2, description="Number of classes for `task: sequence_classification`."
+    )
+    dtype: Literal["float32", "bfloat16", "float16"] = Field(
+        "float32", description="Dtype the weights are loaded in (master weights for full fine-tuning)."
+    )
+    attn_implementation: Literal["eager", "sdpa", "flash_attention_2"] = Field(
+        "sdpa", description="Attention kernel passed to transformers."
+    )
+    trust_remote_code: bool = Field(False, description="Allow model code from the model folder.")
+
+    @model_validator(mode="before")
+    @classmethod
+    def _resolve(cls, data: Any, info: ValidationInfo) -> Any:
+        if isinstance(data, dict) and isinstance(data.get("path"), str):
+            raw = data["path"]
+            looks_local = raw.startswith((".", "/", "~")) or os.sep in raw.rstrip("/").split("/", 1)[-1]
+            candidate = _resolve_path(raw, info)
+            if raw.startswith(TINY_PREFIX) or looks_local or Path(candidate).exists() or not _HUB_ID.match(raw):
+                data = {**data, "path": candidate}
+        return data
+
+    @model_validator(mode="after")
+    def _labels(self) -> ModelConfig:
+        if self.task == "sequence_classification" and self.num_labels is None:
+            raise ValueError("model.num_labels is required when model.task is sequence_classification")
+        return self
+
+    @property
+    def is_local(self) -> bool:
+        return self.path.startswith("/") or self.path.startswith(TINY_PREFIX)
+
+
+# --------------------------------------------------------------------------- method
+class LoraConfig(Section):
+    r: int = Field(16, ge=1, description="LoRA rank.")
+    alpha: float = Field(32.0, gt=0, description="LoRA scaling numerator (scale = alpha / r).")
+    dropout: float = Field(0.0, ge=0, lt=1, description="Dropout on the LoRA input.")
+    target_modules: list[str] | Literal["all-linear"] = Field(
+        "all-linear", description="Module name suffixes to adapt, or `all-linear`."
+    )
+
+
+class MethodConfig(Section):
+    kind: Literal["full", "lora", "qlora"] = Field(
+        "full", description="Full fine-tuning, LoRA adapters, or LoRA on a 4-bit (nf4) base."
+    )
+    lora: LoraConfig = Field(default_factory=LoraConfig, description="LoRA settings (lora and qlora).")
+
+
+# --------------------------------------------------------------------------- data
+DataFormat = Literal["alpaca", "chat", "completion", "text"]
+
+
+class DataSource(Section):
+    path: LocalPath = Field(description="A local JSONL or JSON file.")
+    format: DataFormat = Field("alpaca", description="How rows are laid out.")
+    weight: float = Field(1.0, gt=0, description="Relative sampling weight when mixing sources.")
+
+
+class EvalSplit(Section):
+    path: LocalPath | None = Field(None, description="A held-out file in the same format as the first source.")
+    fraction: float | None = Field(
+        None, gt=0, lt=1, description="Hold out this fraction of the training rows instead of a file."
+    )
+    max_rows: int | None = Field(None, ge=1, description="Evaluate on at most this many rows.")
+
+    @model_validator(mode="after")
+    def _one_of(self) -> EvalSplit:
+        if self.path is not None and self.fraction is not None:
+            raise ValueError("set only one of data.eval.path and data.eval.fraction")
+        return self
+
+
+class DataConfig(Section):
+    sources: list[DataSource] = Field(min_length=1, description="Training data sources.")
+    eval: EvalSplit | None = Field(None, description="Evaluation split; none disables eval.")
+    max_seq_len: int = Field(512, ge=8, description="Tokens per row; longer rows are truncated.")
+    train_on_prompt: bool = Field(False, description="Also compute loss on prompt tokens.")
+    cache_dir: LocalPath | None = Field(
+        None, description="Where tokenized data is cached (shared storage for multi-node); "
+        "default `$TUNEFLEET_CACHE/datasets` or `~/.cache/tunefleet/datasets`."
+    )
+
+
+# --------------------------------------------------------------------------- train
+class TrainConfig(Section):
+    max_steps: int = Field(ge=1, description="Optimizer steps to run.")
+    micro_batch_size: int = Field(1, ge=1, description="Rows per worker per forward pass.")
+    grad_accum_steps: int = Field(1, ge=1, description="Micro-batches accumulated per optimizer step.")
+    lr: float = Field(2e-5, gt=0, description="Peak learning rate.")
+    weight_decay: float = Field(0.0, ge=0, description="AdamW weight decay (not applied to biases and norms).")
+    adam_betas: tuple[float, float] = Field((0.9, 0.999), description="AdamW betas.")
+    adam_eps: float = Field(1e-8, gt=0, description="AdamW epsilon.")
+    warmup_steps: int = Field(0, ge=0, description="Linear warm-up steps.")
+    schedule: Literal["constant", "linear", "cosine"] = Field(
+        "cosine", description="Learning-rate decay after warm-up."
+    )
+    min_lr_ratio: float = Field(0.0, ge=0, le=1, description="Floor of the decay as a fraction of `lr`.")
+    max_grad_norm: float | None = Field(1.0, gt=0, description="Clip the global gradient norm; null disables.")
+    seed: int = Field(0, description="Seeds model init, data order and dropout.")
+    eval_every_steps: int | None = Field(None, ge=1, description="Evaluate every N steps (and at start and end).")
+
+    @property
+    def rows_per_worker_step(self) -> int:
+        return self.micro_batch_size * self.grad_accum_steps
+
+    @model_validator(mode="after")
+    def _warmup(self) -> TrainConfig:
+        if self.warmup_steps > self.max_steps:
+            raise ValueError(
+                f"train.warmup_steps ({self.warmup_steps}) exceeds train.max_steps ({self.max_steps}); lower it"
+            )
+        return self
+
+
+# --------------------------------------------------------------------------- parallelism
+StrategyName = Literal["auto", "ddp", "fsdp", "deepspeed_zero2", "deepspeed_zero3"]
+
+
+class ParallelismConfig(Section):
+    strategy: StrategyName = Field("ddp", description="Data-parallel strategy, or `auto` to let the planner pick.")
+    num_nodes: int = Field(1, ge=1, description="Machines to use.")
+    workers_per_node: int = Field(1, ge=1, description="Training processes per machine (one per GPU on GPU).")
+    use_gpu: bool = Field(False, description="One GPU per worker, NCCL backend; false trains on CPU over gloo.")
+    cpus_per_worker: int = Field(1, ge=1, description="CPU cores Ray reserves for each worker.")
+    mixed_precision: Literal["no", "bf16", "fp16"] = Field("no", description="Compute dtype for forward/backward.")
+    activation_checkpointing: bool = Field(False, description="Recompute activations in backward to save memory.")
+    cpu_offload: bool = Field(False, description="Keep parameters and optimizer state in host memory (fsdp, ZeRO).")
+    collective_timeout_s: int = Field(600, ge=10, description="Seconds before a stuck collective fails the run.")
+
+    @property
+    def world_size(self) -> int:
+        return self.num_nodes * self.workers_per_node
+
+
+# --------------------------------------------------------------------------- checkpoint
+class CheckpointConfig(Section):
+    every_steps: int | None = Field(None, ge=1, description="Save a resumable checkpoint every N steps.")
+    keep_last: int = Field(2, ge=1, description="How many complete checkpoints to keep.")
+    dir: LocalPath | None = Field(None, description="Checkpoint folder (shared storage); default `<output_dir>/checkpoints`.")
+    export_final: bool = Field(True, description="Save the trained model in Hugging Face format to `<output_dir>/final`.")
+
+
+class FaultToleranceConfig(Section):
+    max_restarts: int = Field(0, ge=0, description="Restart the worker group after a failure this many times.")
+
+
+# --------------------------------------------------------------------------- logging
+class WandbConfig(Section):
+    mode: Literal["online", "offline", "disabled"] | None = Field(
+        None, description="W&B mode; default online with an API key, else offline."
+    )
+    project: str = Field("tunefleet", description="W&B project.")
+    entity: str | None = Field(None, description="W&B entity (team or user).")
+    name: str | None = Field(None, description="Run name; default the recipe name.")
+    group: str | None = Field(None, description="Run group.")
+    tags: list[str] = Field(default_factory=list, description="Run tags.")
+
+
+class LoggingConfig(Section):
+    every_steps: int = Field(1, ge=1, description="Log training metrics every N steps.")
+    console: bool = Field(True, description="Show a progress bar and a summary on the console.")
+    wandb: WandbConfig = Field(default_factory=WandbConfig, description="Weights & Biases settings.")
+
+
+# --------------------------------------------------------------------------- cluster
+class ClusterConfig(Section):
+    address: str | None = Field(
+        None, description="Ray cluster address to join (`auto`, `ray://host:port`, `host:port`); "
+        "default `RAY_ADDRESS` or an embedded local Ray."
+    )
+
+
+# --------------------------------------------------------------------------- recipe
+class Recipe(Section):
+    name: str = Field(pattern=r"^[A-Za-z0-9][\w.-]*$", description="Run name: letters, digits, `-`, `_`, `.`.")
+    output_dir: LocalPath = Field(description="Run folder: resolved recipe, metrics, checkpoints, final model.")
+    model: ModelConfig = Field(description="What to fine-tune.")
+    method: MethodConfig = Field(default_factory=MethodConfig, description="Full fine-tuning or adapters.")
+    data: DataConfig = Field(description="Training and evaluation data.")
+    train: TrainConfig = Field(description="Optimization.")
+    parallelism: ParallelismConfig = Field(default_factory=ParallelismConfig, description="Workers and strategy.")
+    checkpoint: CheckpointConfig = Field(default_factory=CheckpointConfig, description="Checkpoints and export.")
+    fault_tolerance: FaultToleranceConfig = Field(
+        default_factory=FaultToleranceConfig, description="Restarts after failures."
+    )
+    logging: LoggingConfig = Field(default_factory=LoggingConfig, description="Metrics, console and W&B.")
+    cluster: ClusterConfig = Field(default_factory=ClusterConfig, description="Where the Ray cluster is.")
+
+    @model_validator(mode="after")
+    def _cross_checks(self) -> Recipe:
+        if self.parallelism.use_gpu is False and self.parallelism.mixed_precision == "fp16":
+            raise ValueError("parallelism.mixed_precision: fp16 needs GPUs; use bf16 or no on CPU")
+        return self
+
+    @property
+    def checkpoint_dir(self) -> str:
+        return self.checkpoint.dir or str(Path(self.output_dir) / "checkpoints")
+
+    def to_yaml(self) -> str:
+        return yaml.safe_dump(self.model_dump(mode="json"), sort_keys=False)
+
+    def fingerprint(self) -> str:
+        """Hash of the resolved recipe: tells a resume whether the recipe changed."""
+        return hashlib.sha256(self.to_yaml().encode()).hexdigest()[:16]
+
+
+# --------------------------------------------------------------------------- loading
+def parse_override(text: str) -> tuple[list[str], Any]:
+    """`train.lr=1e-4` -> (["train", "lr"], "1e-4"); the value is parsed as YAML."""
+    key, sep, raw = text.partition("=")
+    if not sep or not key or not re.fullmatch(r"[A-Za-z_][\w]*(\.[A-Za-z_][\w]*)*", key):
+        raise RecipeError("--set", [Problem(text, "expected KEY=VALUE with a dotted key, e.g. train.lr=1e-4")])
+    try:
+        value = yaml.safe_load(raw) if raw != "" else ""
+    except yaml.YAMLError as exc:
+        raise RecipeError("--set", [Problem(key, f"value is not valid YAML: {exc}")]) from None
+    return key.split("."), value
+
+
+def _field_is_path(keys: list[str]) -> bool:
+    model: type[BaseModel] | None = Recipe
+    for key in keys:
+        if model is None or key not in model.model_fields:
+            return False
+        annotation = model.model_fields[key].annotation
+        model = annotation if isinstance(annotation, type) and issubclass(annotation, BaseModel) else None
+    return keys[-1] in ("output_dir", "path", "dir", "cache_dir")
+
+
+def apply_overrides(raw: dict, overrides: list[str]) -> dict:
+    for text in overrides:
+        keys, value = parse_override(text)
+        if isinstance(value, str) and _field_is_path(keys):
+            value = str(Path(os.path.expanduser(value)).absolute()) if not value.startswith(TINY_PREFIX) else value
+        node = raw
+        for key in keys[:-1]:
+            child = node.get(key)
+            if child is None:
+                child = node[key] = {}
+            elif not isinstance(child, dict):
+                raise RecipeError("--set", [Problem(".".join(keys), f"`{key}` is not a section")])
+            node = child
+        node[keys[-1]] = value
+    return raw
+
+
+def _problems_from(exc: ValidationError) -> list[Problem]:
+    problems = []
+    for err in exc.errors():
+        where = ".".join(str(part) for part in err["loc"]) or "(recipe)"
+        msg = err["msg"].removeprefix("Value error, ")
+        if err["type"] == "extra_forbidden":
+            msg = "unknown key; check the spelling (`tunefleet schema` lists every key)"
+        elif err["type"] == "missing":
+            msg = "required key is missing"
+        problems.append(Problem(where, msg))
+    return problems
+
+
+def read_yaml(path: str | Path) -> dict:
+    path = Path(path)
+    if not path.is_file():
+        raise RecipeError(str(path), [Problem(str(path), "recipe file not found")])
+    try:
+        raw = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f"{path}:{mark.line + 1}:{mark.column + 1}" if mark else str(path)
+        problem = getattr(exc, "problem", None) or str(exc)
+        raise RecipeError(str(path), [Problem(where, f"malformed YAML ({problem}); fix the syntax there")]) from None
+    if not isinstance(raw, dict):
+        raise RecipeError(str(path), [Problem(str(path), "a recipe must be a YAML mapping of sections")])
+    return raw
+
+
+def load_recipe(path: str | Path, overrides: list[str] = ()) -> Recipe:
+    """Read, override and validate a recipe; raise RecipeError with every problem."""
+    path = Path(path)
+    raw = apply_overrides(read_yaml(path), list(overrides))
+    try:
+        return Recipe.model_validate(raw, context={"base_dir": str(path.resolve().parent)})
+    except ValidationError as exc:
+        raise RecipeError(str(path), _problems_from(exc)) from None
+
+
+def recipe_from_dict(raw: dict) -> Recipe:
+    """Rebuild an already-resolved recipe (as shipped to workers)."""
+    return Recipe.model_validate(raw)

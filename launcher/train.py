@@ -1,0 +1,137 @@
+"""The per-worker training loop. Runs inside a Ray Train worker with the
+process group already up; reads top to bottom, like a single-file recipe."""
+
+from __future__ import annotations
+
+import random
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.distributed as dist
+
+from tunefleet.launcher import data, modeling
+from tunefleet.launcher.checkpoint import CheckpointManager, latest
+from tunefleet.launcher.metrics import Reporter
+from tunefleet.launcher.recipe import Recipe
+from tunefleet.launcher.steps import evaluate, train_step
+from tunefleet.strategies import base as strategies
+from tunefleet.strategies.base import StrategyPlan
+
+
+@dataclass(frozen=True)
+class Job:
+    """What the driver resolved before workers start (shipped to every worker)."""
+
+    recipe: Recipe
+    strategy_plan: StrategyPlan
+    model_path: str
+    data_dir: str
+    wandb_run_id: str
+    fault: dict = field(default_factory=dict)  # test-only fault injection, see faults.py
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+def run(job: Job, reporter: Reporter) -> dict:
+    recipe, plan = job.recipe, job.strategy_plan
+    rank, world_size = dist.get_rank(), dist.get_world_size()
+    device = torch.device("cuda", torch.cuda.current_device()) if plan.use_gpu else torch.device("cpu")
+    seed_everything(recipe.train.seed)
+
+    # Model, strategy, optimizer.
+    strategy = strategies.create(plan)
+    tokenizer = modeling.load_tokenizer(job.model_path)
+    module = modeling.load_model(
+        recipe.model, recipe.method, job.model_path, init_context=strategy.model_init_context()
+    )
+    strategy.setup(
+        module,
+        modeling.make_optimizer_factory(recipe.train),
+        modeling.make_scheduler_factory(recipe.train),
+        modeling.param_groups(module, recipe.train),
+    )
+
+    # Data: memory-mapped token arrays prepared once by the driver.
+    train_split = data.open_split(Path(job.data_dir), "train")
+    eval_split = data.open_split(Path(job.data_dir), "eval")
+    pad_id = tokenizer.pad_token_id
+    eval_set = (
+        data.eval_batches(eval_split, rank=rank, world_size=world_size, batch_size=recipe.train.micro_batch_size,
+                          max_rows=recipe.data.eval.max_rows, pad_id=pad_id)
+        if eval_split is not None else None
+    )
+
+    # Resume from the newest complete checkpoint, if any.
+    checkpoints = CheckpointManager(recipe.checkpoint_dir, recipe.checkpoint.keep_last)
+    start_step, tokens_seen, wandb_run_id = 0, 0, job.wandb_run_id
+    if (resume_from := latest(recipe.checkpoint_dir)) is not None:
+        meta = checkpoints.load(resume_from, strategy)
+        start_step, tokens_seen = meta["step"], meta["tokens_seen"]
+        wandb_run_id = meta.get("wandb_run_id", wandb_run_id)
+    reporter.start(start_step=start_step, wandb_run_id=wandb_run_id, resumed_from=resume_from)
+
+    def save_checkpoint(step: int) -> None:
+        checkpoints.save(step, strategy, {
+            "tokens_seen": tokens_seen, "world_size": world_size, "wandb_run_id": wandb_run_id,
+            "recipe_fingerprint": recipe.fingerprint(), "strategy": plan.name,
+        })
+
+    if eval_set is not None and start_step == 0:
+        reporter.log({"step": 0, "eval_loss": evaluate(strategy, eval_set, device)})
+
+    # The loop.
+    every_eval, every_ckpt = recipe.train.eval_every_steps, recipe.checkpoint.every_steps
+    for step in range(start_step, recipe.train.max_steps):
+        micro_batches = data.rank_micro_batches(
+            train_split, step, rank=rank, world_size=world_size,
+            micro_batch_size=recipe.train.micro_batch_size, grad_accum_steps=recipe.train.grad_accum_steps,
+            seed=recipe.train.seed, pad_id=pad_id,
+        )
+        job_faults_before_step(job, rank, step)
+        started = time.perf_counter()
+        result = train_step(strategy, micro_batches, device)
+        step_time_s = time.perf_counter() - started
+        tokens_seen += result.num_input_tokens
+        done = step + 1
+        if done % recipe.logging.every_steps == 0 or done == recipe.train.max_steps:
+            reporter.log({
+                "step": done, "loss": result.loss, "lr": strategy.scheduler.get_last_lr()[0],
+                "grad_norm": result.grad_norm, "tokens_per_s": result.num_input_tokens / step_time_s,
+                "samples_per_s": recipe.train.rows_per_worker_step * world_size / step_time_s,
+                "step_time_s": step_time_s, "tokens_seen": tokens_seen,
+            })
+        if eval_set is not None and every_eval and done % every_eval == 0 and done != recipe.train.max_steps:
+            reporter.log({"step": done, "eval_loss": evaluate(strategy, eval_set, device)})
+        if every_ckpt and done % every_ckpt == 0 and done != recipe.train.max_steps:
+            save_checkpoint(done)
+
+    # The end: final eval, a last checkpoint, and the exported model.
+    final_step = recipe.train.max_steps
+    if eval_set is not None:
+        reporter.log({"step": final_step, "eval_loss": evaluate(strategy, eval_set, device)})
+    if every_ckpt and start_step < final_step:
+        save_checkpoint(final_step)
+    final_dir = Path(recipe.output_dir) / "final"
+    if recipe.checkpoint.export_final:
+        state = strategy.full_state_dict()
+        if rank == 0:
+            modeling.save_final(strategy.unwrapped, state, tokenizer, final_dir)
+        dist.barrier()
+    strategy.teardown()
+    return {"final_dir": str(final_dir) if recipe.checkpoint.export_final else None}
+
+
+def job_faults_before_step(job: Job, rank: int, step: int) -> None:
+    """Test hook: act on a fault planned for (rank, step); no-op in normal runs."""
+    if job.fault:
+        from tunefleet.launcher.faults import maybe_inject
+
+        maybe_inject(job.fault, rank=rank, step=step, output_dir=job.recipe.output_dir)
+

@@ -1,0 +1,37 @@
+"""The function Ray Train runs on every worker: quiet the libraries, build the
+rank's reporter, and hand over to the training loop."""
+
+from __future__ import annotations
+
+import logging
+import os
+
+import ray.train
+
+from tunefleet.launcher.metrics import Reporter
+from tunefleet.launcher.train import Job, run
+
+
+def _quiet_libraries() -> None:
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+    import transformers
+
+    transformers.logging.set_verbosity_error()
+    logging.getLogger("torch.distributed").setLevel(logging.ERROR)
+
+
+def train_loop_per_worker(config: dict) -> None:
+    _quiet_libraries()
+    job: Job = config["job"]
+    rank = ray.train.get_context().get_world_rank()
+    reporter = Reporter(
+        enabled=rank == 0,
+        output_dir=job.recipe.output_dir,
+        queue=config.get("queue"),
+        wandb=job.recipe.logging.wandb,
+        run_name=job.recipe.name,
+        config=job.recipe.model_dump(mode="json"),
+    )
+    result = run(job, reporter)
+    reporter.finish(result)

@@ -1,0 +1,71 @@
+"""DDP: every rank holds the whole model; gradients are all-reduced (averaged)."""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterator
+
+import torch
+import torch.distributed as dist
+from torch.nn.parallel import DistributedDataParallel
+
+from tunefleet.strategies import checkpointing
+from tunefleet.strategies.base import OptimizerFactory, SchedulerFactory, Strategy, register
+
+
+@register
+class DDPStrategy(Strategy):
+    name = "ddp"
+
+    def setup(
+        self,
+        module: torch.nn.Module,
+        make_optimizer: OptimizerFactory,
+        make_scheduler: SchedulerFactory,
+        param_groups: list[dict],
+    ) -> None:
+        if self.plan.activation_checkpointing:
+            checkpointing.enable_activation_checkpointing(module)
+        device = _device(self.plan.use_gpu)
+        module.to(device)
+        self.model = DistributedDataParallel(
+            module,
+            device_ids=[device.index] if device.type == "cuda" else None,
+            # PEFT freezes most parameters; DDP must not wait for their grads.
+            find_unused_parameters=False,
+            gradient_as_bucket_view=True,
+        )
+        self.optimizer = make_optimizer(param_groups)
+        self.scheduler = make_scheduler(self.optimizer)
+
+    @contextlib.contextmanager
+    def no_sync(self, enabled: bool) -> Iterator[None]:
+        with self.model.no_sync() if enabled else contextlib.nullcontext():
+            yield
+
+    def optimizer_step(self) -> float | None:
+        params = [p for p in self.model.parameters() if p.requires_grad]
+        norm = None
+        if self.plan.max_grad_norm is not None:
+            norm = float(torch.nn.utils.clip_grad_norm_(params, self.plan.max_grad_norm))
+        self.optimizer.step()
+        self.scheduler.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        return norm
+
+    def save(self, path: str) -> None:
+        checkpointing.save_dcp(path, self.model, self.optimizer, self.scheduler)
+
+    def load(self, path: str) -> None:
+        checkpointing.load_dcp(path, self.model, self.optimizer, self.scheduler)
+
+    def full_state_dict(self) -> dict[str, torch.Tensor]:
+        if dist.get_rank() != 0:
+            return {}
+        return {k: v.detach().cpu() for k, v in self.unwrapped.state_dict().items()}
+
+
+def _device(use_gpu: bool) -> torch.device:
+    if not use_gpu:
+        return torch.device("cpu")
+    return torch.device("cuda", torch.cuda.current_device())

@@ -1,0 +1,205 @@
+"""DeepSpeed ZeRO-2 (optimizer state and gradients sharded) and ZeRO-3 (parameters too).
+
+The DeepSpeed config is generated from the plan by ``deepspeed_config``; a
+recipe's ``deepspeed_overrides`` are merged on top, but may not change a value
+the recipe already decides (that would leave two places saying different
+things). The engine runs in DeepSpeed's managed accumulation mode: ``backward``
+advances its micro-step counter and ``optimizer_step`` is the accumulation
+boundary, so the training loop stays the one every strategy uses.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+from collections.abc import Iterator
+from typing import Any
+
+import torch
+import torch.distributed as dist
+
+from tunefleet.strategies import checkpointing
+from tunefleet.strategies.base import (
+    OptimizerFactory,
+    SchedulerFactory,
+    Strategy,
+    StrategyPlan,
+    register,
+)
+
+_CHECKPOINT_TAG = "deepspeed"
+_ZERO_STAGES = {"deepspeed_zero2": 2, "deepspeed_zero3": 3}
+
+# Config keys whose value follows from the recipe (or from how tunefleet drives the
+# engine), mapped to what the user changes instead of overriding them.
+_DECIDED_BY = {
+    "train_micro_batch_size_per_gpu": "train.micro_batch_size",
+    "gradient_accumulation_steps": "train.grad_accum_steps",
+    "train_batch_size": "train.micro_batch_size, train.grad_accum_steps and the number of workers",
+    "gradient_clipping": "train.max_grad_norm",
+    "bf16.enabled": "parallelism.mixed_precision",
+    "fp16.enabled": "parallelism.mixed_precision",
+    "zero_optimization.stage": "parallelism.strategy",
+    "zero_optimization.offload_optimizer.device": "parallelism.cpu_offload",
+    "zero_optimization.offload_param.device": "parallelism.cpu_offload",
+    "managed_gradient_accumulation": "nothing (tunefleet's training loop relies on it)",
+}
+
+
+def deepspeed_config(plan: StrategyPlan) -> dict[str, Any]:
+    """The DeepSpeed config for ``plan``, with ``plan.deepspeed_overrides`` merged on top."""
+    stage = _ZERO_STAGES[plan.name]
+    zero: dict[str, Any] = {"stage": stage}
+    if plan.cpu_offload:
+        zero["offload_optimizer"] = {"device": "cpu", "pin_memory": plan.use_gpu}
+        if stage == 3:
+            zero["offload_param"] = {"device": "cpu", "pin_memory": plan.use_gpu}
+    config = {
+        "train_micro_batch_size_per_gpu": plan.micro_batch_size,
+        "gradient_accumulation_steps": plan.grad_accum_steps,
+        "train_batch_size": plan.micro_batch_size * plan.grad_accum_steps * plan.world_size,
+        "gradient_clipping": plan.max_grad_norm or 0.0,  # 0 disables clipping
+        "bf16": {"enabled": plan.mixed_precision == "bf16"},
+        "fp16": {"enabled": plan.mixed_precision == "fp16"},
+        "zero_optimization": zero,
+        "managed_gradient_accumulation": True,
+        # The optimizer is the recipe's torch AdamW, also when its state sits on the CPU.
+        "zero_force_ds_cpu_optimizer": False,
+        "steps_per_print": 2**31 - 1,  # the loop logs; keep DeepSpeed quiet
+    }
+    return merge_overrides(config, plan.deepspeed_overrides)
+
+
+def merge_overrides(config: dict, overrides: dict) -> dict:
+    """``config`` with ``overrides`` merged key by key; ValueError on a decided key."""
+    decided = {path: value for path, value in _leaves(config) if path in _DECIDED_BY}
+    merged = copy.deepcopy(config)
+    for path, value in _leaves(overrides):
+        for key, ours in decided.items():
+            same_key = key == path
+            if (same_key and value != ours) or key.startswith(path + ".") or path.startswith(key + "."):
+                raise ValueError(
+                    f"DeepSpeed override `{path}`={value!r} conflicts with `{key}`={ours!r}, which "
+                    f"follows from {_DECIDED_BY[key]}; change that instead and drop the override"
+                )
+        _set(merged, path.split("."), copy.deepcopy(value))
+    return merged
+
+
+def _leaves(tree: dict, prefix: str = "") -> Iterator[tuple[str, Any]]:
+    for key, value in tree.items():
+        if isinstance(value, dict) and value:
+            yield from _leaves(value, f"{prefix}{key}.")
+        else:
+            yield f"{prefix}{key}", value
+
+
+def _set(tree: dict, keys: list[str], value: Any) -> None:
+    for key in keys[:-1]:
+        if not isinstance(tree.get(key), dict):
+            tree[key] = {}
+        tree = tree[key]
+    tree[keys[-1]] = value
+
+
+class _DeepSpeedStrategy(Strategy):
+    def __init__(self, plan: StrategyPlan):
+        super().__init__(plan)
+        self.config = deepspeed_config(plan)
+
+    def setup(
+        self,
+        module: torch.nn.Module,
+        make_optimizer: OptimizerFactory,
+        make_scheduler: SchedulerFactory,
+        param_groups: list[dict],
+    ) -> None:
+        import deepspeed
+
+        if self.plan.activation_checkpointing:
+            checkpointing.enable_activation_checkpointing(module)
+        optimizer = make_optimizer(param_groups)
+        self.model, self.optimizer, _, self.scheduler = deepspeed.initialize(
+            model=module,
+            optimizer=optimizer,
+            lr_scheduler=make_scheduler(optimizer),
+            config=self.config,
+        )
+
+    def backward(self, loss: torch.Tensor) -> None:
+        # The loop already normalized the loss; DeepSpeed must not divide by accumulation.
+        self.model.backward(loss, scale_wrt_gas=False)
+        if not self.model.is_gradient_accumulation_boundary():
+            self.model.step()  # only advances the engine's micro-step counter
+
+    @contextlib.contextmanager
+    def no_sync(self, enabled: bool) -> Iterator[None]:
+        # ZeRO-2/3 reduce-scatter every micro-step into sharded gradient buffers.
+        yield
+
+    def optimizer_step(self) -> float | None:
+        assert self.model.is_gradient_accumulation_boundary(), (
+            f"the step had fewer micro-batches than grad_accum_steps={self.plan.grad_accum_steps}"
+        )
+        self.model.step()  # clips, steps optimizer and scheduler, zeroes gradients
+        norm = self.model.get_global_grad_norm()
+        return None if norm is None else float(norm)
+
+    def save(self, path: str) -> None:
+        self.model.save_checkpoint(path, tag=_CHECKPOINT_TAG, save_latest=False)
+
+    def load(self, path: str) -> None:
+        load_path, _ = self.model.load_checkpoint(path, tag=_CHECKPOINT_TAG)
+        if load_path is None:
+            raise FileNotFoundError(f"no DeepSpeed checkpoint under {path}/{_CHECKPOINT_TAG}")
+
+    def teardown(self) -> None:
+        if self.model is not None:
+            self.model.destroy()
+        super().teardown()
+
+
+@register
+class DeepSpeedZero2Strategy(_DeepSpeedStrategy):
+    name = "deepspeed_zero2"
+
+    def full_state_dict(self) -> dict[str, torch.Tensor]:
+        # Every rank holds the full (training-dtype) parameters under ZeRO-2.
+        if dist.get_rank() != 0:
+            return {}
+        return {k: v.detach().cpu().clone() for k, v in self.unwrapped.state_dict().items()}
+
+
+@register
+class DeepSpeedZero3Strategy(_DeepSpeedStrategy):
+    name = "deepspeed_zero3"
+    shards_parameters = True
+
+    def __init__(self, plan: StrategyPlan):
+        super().__init__(plan)
+        self._hf_config = None
+
+    @contextlib.contextmanager
+    def model_init_context(self) -> Iterator[None]:
+        """Make transformers partition parameters while ``from_pretrained`` loads them.
+
+        transformers keeps only a weak reference to this config, and reads it again
+        after loading (PEFT, resizing), so the strategy holds it until teardown.
+        """
+        from transformers.integrations import HfDeepSpeedConfig
+
+        self._hf_config = HfDeepSpeedConfig(self.config)
+        yield
+
+    def full_state_dict(self) -> dict[str, torch.Tensor]:
+        # Gathers one module's partitions at a time; training-dtype (fp32 in fp32 runs).
+        state = self.model._zero3_consolidated_16bit_state_dict()
+        return state if dist.get_rank() == 0 else {}
+
+    def teardown(self) -> None:
+        from transformers.integrations import unset_hf_deepspeed_config
+
+        super().teardown()
+        if self._hf_config is not None:
+            unset_hf_deepspeed_config()
+            self._hf_config = None

@@ -53,7 +53,7 @@ class Section(BaseModel):
 class ModelConfig(Section):
     path: str = Field(
         description="A local Hugging Face model folder, a hub id (needs network), or "
-        "`tiny:<arch>` for the project's tiny random-init test model (llama, qwen2, mistral).",
+        "`tiny:<arch>[-20m|-100m]` for the project's tiny random-init test models (llama, qwen2, mistral).",
     )
     task: Literal["causal_lm", "sequence_classification"] = Field(
         "causal_lm", description="What head to train: next-token prediction or a classifier."

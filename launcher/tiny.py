@@ -292,7 +292,9 @@ def ensure_tiny_model(spec: str, cache_dir: Path | None = None) -> Path:
     return target
 
 
-def _build_atomically(config: transformers.PretrainedConfig, tokenizer, target: Path) -> None:
+def _build_atomically(
+    config: transformers.PretrainedConfig, tokenizer: transformers.PreTrainedTokenizerFast, target: Path
+) -> None:
     """Save into a temp sibling, then rename; if another process won the race, keep theirs."""
     target.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=target.parent))

@@ -114,7 +114,7 @@ def run(job: Job, reporter: Reporter) -> dict:
 
     # The end: final eval, a last checkpoint, and the exported model.
     final_step = recipe.train.max_steps
-    if eval_set is not None:
+    if eval_set is not None and start_step < final_step:
         reporter.log({"step": final_step, "eval_loss": evaluate(strategy, eval_set, device)})
     if every_ckpt and start_step < final_step:
         save_checkpoint(final_step)

@@ -1,0 +1,43 @@
+# The two commands a new user needs: `make demo` and `make test`.
+# Both create (or refresh, when pyproject.toml changes) .venv first.
+PYTHON ?= python3
+VENV ?= .venv
+# GPU users: make TORCH_SPEC="torch==2.13.0 --index-url https://download.pytorch.org/whl/cu128" ...
+TORCH_SPEC ?= torch==2.13.0
+BIN := $(VENV)/bin
+PYTEST_ARGS ?=
+
+export TUNEFLEET_CACHE ?= $(CURDIR)/.cache/tunefleet
+export TORCH_EXTENSIONS_DIR ?= $(CURDIR)/.cache/torch_extensions
+export WANDB_SILENT ?= true
+export PIP_DISABLE_PIP_VERSION_CHECK := 1
+
+.PHONY: venv demo test test-fast test-e2e bench clean
+
+$(BIN)/.installed: pyproject.toml constraints.txt
+	$(PYTHON) -m venv $(VENV)
+	# torch first, from the spec above, then pinned so nothing swaps in a CUDA build.
+	$(BIN)/pip install -q $(TORCH_SPEC)
+	$(BIN)/python -c 'import torch; print("torch==" + torch.__version__.split("+")[0])' > $(VENV)/torch-constraint.txt
+	$(BIN)/pip install -q -c $(VENV)/torch-constraint.txt -c constraints.txt -e ".[test,qlora]"
+	touch $@
+
+venv: $(BIN)/.installed
+
+demo: venv
+	$(BIN)/tunefleet launch recipes/tiny/llama-full-ddp.yaml
+
+test: venv
+	$(BIN)/python -m pytest tests $(PYTEST_ARGS)
+
+test-fast: venv
+	$(BIN)/python -m pytest tests -m "not e2e and not slow" $(PYTEST_ARGS)
+
+test-e2e: venv
+	$(BIN)/python -m pytest tests -m e2e $(PYTEST_ARGS)
+
+bench: venv
+	$(BIN)/python benchmarks/run.py
+
+clean:
+	rm -rf runs build *.egg-info .pytest_cache

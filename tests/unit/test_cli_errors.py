@@ -1,0 +1,82 @@
+"""Bad input through the real CLI: one clear message naming the key or file, exit 2,
+no traceback, nothing written."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import yaml
+
+from tests.conftest import REPO, tunefleet
+
+TINY = REPO / "recipes" / "tiny" / "llama-full-ddp.yaml"
+
+
+def tiny_raw(out) -> dict:
+    raw = yaml.safe_load(TINY.read_text())
+    raw["data"]["sources"][0]["path"] = str(REPO / "recipes/tiny/data/alpaca_train.jsonl")
+    raw["data"]["eval"]["path"] = str(REPO / "recipes/tiny/data/alpaca_eval.jsonl")
+    raw["output_dir"] = str(out)
+    return raw
+
+
+def broken(raw: dict, case: str) -> dict | str:
+    if case == "malformed":
+        return "name: x\ntrain: {max_steps: 3\n"
+    if case == "unknown_key":
+        raw["train"]["learning_rate"] = 1e-3
+    elif case == "mistyped":
+        raw["train"]["micro_batch_size"] = "eight"
+    elif case == "missing_data":
+        raw["data"]["sources"][0]["path"] = "/nonexistent/train.jsonl"
+    elif case == "missing_model":
+        raw["model"]["path"] = "/nonexistent/model"
+    elif case == "layout":
+        raw["parallelism"]["use_gpu"] = True
+    return raw
+
+
+EXPECTED = {
+    "malformed": "malformed YAML", "unknown_key": "train.learning_rate", "mistyped": "train.micro_batch_size",
+    "missing_data": "data.sources.0.path", "missing_model": "model.path", "layout": "parallelism.use_gpu",
+}
+
+
+@pytest.mark.parametrize("case", sorted(EXPECTED))
+@pytest.mark.parametrize("command", ["launch", "validate"])
+def test_bad_input_is_one_clear_message(tmp_path, case, command):
+    out = tmp_path / "run"
+    content = broken(tiny_raw(out), case)
+    path = tmp_path / "recipe.yaml"
+    path.write_text(content if isinstance(content, str) else yaml.safe_dump(content))
+    result = tunefleet(command, str(path), env={"CUDA_VISIBLE_DEVICES": ""})
+    assert result.returncode == 2, result.stdout + result.stderr
+    assert EXPECTED[case] in result.stderr
+    assert "Traceback" not in result.stderr + result.stdout
+    assert not out.exists()
+
+
+def test_validate_accepts_shipped_recipes():
+    paths = sorted(str(p) for p in (REPO / "recipes").rglob("*.yaml"))
+    result = tunefleet("validate", *paths)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.count("ok ") == len(paths)
+
+
+def test_recipes_lists_every_shipped_recipe():
+    result = tunefleet("recipes")
+    assert result.returncode == 0
+    for path in (REPO / "recipes").rglob("*.yaml"):
+        assert path.name in result.stdout
+
+
+def test_schema_prints_json_schema():
+    result = tunefleet("schema")
+    schema = json.loads(result.stdout)
+    assert {"model", "train", "parallelism"} <= schema["properties"].keys()
+
+
+def test_bad_set_syntax(tmp_path):
+    result = tunefleet("launch", str(TINY), "--set", "train.lr")
+    assert result.returncode == 2 and "KEY=VALUE" in result.stderr

@@ -1,0 +1,137 @@
+"""The recipe schema: shipped recipes validate, errors name keys, overrides are typed."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import yaml
+
+from tests.conftest import REPO
+from tunefleet.launcher.driver import check_recipe
+from tunefleet.launcher.errors import RecipeError
+from tunefleet.launcher.recipe import Recipe, load_recipe
+
+SHIPPED = sorted((REPO / "recipes").rglob("*.yaml"))
+TINY = REPO / "recipes" / "tiny" / "llama-full-ddp.yaml"
+
+
+@pytest.mark.parametrize("path", SHIPPED, ids=[str(p.relative_to(REPO)) for p in SHIPPED])
+def test_every_shipped_recipe_validates_and_plans(path):
+    recipe = load_recipe(path)
+    plan, reason = check_recipe(recipe, str(path))
+    assert plan.world_size == recipe.parallelism.world_size
+    assert reason
+
+
+def test_required_keys_exist_under_their_documented_names():
+    recipe = load_recipe(TINY)
+    for key in ["model.path", "method.kind", "data.max_seq_len", "train.max_steps", "train.micro_batch_size",
+                "train.grad_accum_steps", "train.lr", "train.seed", "parallelism.strategy",
+                "parallelism.num_nodes", "parallelism.workers_per_node", "checkpoint.every_steps",
+                "fault_tolerance.max_restarts", "logging.wandb.mode"]:
+        node = recipe
+        for part in key.split("."):
+            node = getattr(node, part)
+
+
+def write(tmp_path: Path, raw: dict, name: str = "r.yaml") -> Path:
+    path = tmp_path / name
+    path.write_text(yaml.safe_dump(raw))
+    return path
+
+
+def tiny_raw() -> dict:
+    raw = yaml.safe_load(TINY.read_text())
+    raw["data"]["sources"][0]["path"] = str(REPO / "recipes/tiny/data/alpaca_train.jsonl")
+    raw["data"]["eval"]["path"] = str(REPO / "recipes/tiny/data/alpaca_eval.jsonl")
+    return raw
+
+
+def problems_of(path: Path, *overrides: str) -> dict[str, str]:
+    with pytest.raises(RecipeError) as info:
+        check_recipe(load_recipe(path, list(overrides)), str(path))
+    return {p.where: p.message for p in info.value.problems}
+
+
+def test_all_errors_reported_at_once_and_named_by_key(tmp_path):
+    raw = tiny_raw()
+    raw["train"]["lrr"] = 1
+    raw["train"]["max_steps"] = "many"
+    raw["parallelism"]["strategy"] = "zero9"
+    del raw["model"]
+    with pytest.raises(RecipeError) as info:
+        load_recipe(write(tmp_path, raw))
+    where = {p.where: p.message for p in info.value.problems}
+    assert "unknown key" in where["train.lrr"]
+    assert "train.max_steps" in where and "parallelism.strategy" in where
+    assert where["model"] == "required key is missing"
+
+
+def test_missing_files_named(tmp_path):
+    raw = tiny_raw()
+    raw["data"]["sources"][0]["path"] = "nope.jsonl"
+    raw["model"]["path"] = "./no-such-model"
+    where = problems_of(write(tmp_path, raw))
+    assert "not found" in where["data.sources.0.path"]
+    assert "does not exist" in where["model.path"]
+
+
+def test_relative_paths_resolve_against_recipe_folder(tmp_path):
+    recipe = load_recipe(TINY)
+    assert recipe.data.sources[0].path == str(REPO / "recipes/tiny/data/alpaca_train.jsonl")
+    assert recipe.output_dir == str(REPO / "runs/tiny-llama-full-ddp")
+
+
+def test_overrides_are_typed_and_paths_resolve_against_cwd(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    recipe = load_recipe(TINY, ["train.lr=1e-4", "train.max_steps=70", "output_dir=out", "method.kind=lora"])
+    assert recipe.train.lr == 1e-4 and recipe.train.max_steps == 70
+    assert recipe.output_dir == str(tmp_path / "out")
+    assert recipe.method.kind == "lora"
+
+
+@pytest.mark.parametrize("override,key", [
+    ("train.lr=fast", "train.lr"), ("train.nope=1", "train.nope"), ("notakey", "notakey"),
+    ("parallelism.strategy=zero", "parallelism.strategy"),
+])
+def test_bad_overrides_name_the_key(override, key):
+    with pytest.raises(RecipeError) as info:
+        load_recipe(TINY, [override])
+    assert any(p.where == key for p in info.value.problems), info.value
+
+
+def test_cross_field_rules_name_the_key():
+    with pytest.raises(RecipeError) as info:
+        load_recipe(TINY, ["train.warmup_steps=10000"])
+    assert "train.warmup_steps" in str(info.value)
+    with pytest.raises(RecipeError) as info:
+        load_recipe(TINY, ["parallelism.mixed_precision=fp16"])
+    assert "parallelism.mixed_precision" in str(info.value)
+
+
+def test_malformed_yaml_names_line(tmp_path):
+    path = tmp_path / "bad.yaml"
+    path.write_text("name: x\nmodel: [unclosed\n")
+    with pytest.raises(RecipeError) as info:
+        load_recipe(path)
+    assert f"{path}:" in str(info.value) and "malformed YAML" in str(info.value)
+
+
+def test_every_field_has_a_description():
+    schema = Recipe.model_json_schema()
+    for where, section in [("recipe", schema), *schema["$defs"].items()]:
+        for name, prop in section.get("properties", {}).items():
+            assert prop.get("description"), f"{where}.{name} has no description"
+
+
+def test_schema_is_json_and_forbids_extra():
+    schema = json.loads(json.dumps(Recipe.model_json_schema()))
+    assert schema["additionalProperties"] is False
+    assert schema["$defs"]["TrainConfig"]["additionalProperties"] is False
+
+
+def test_fingerprint_changes_with_the_recipe():
+    assert load_recipe(TINY).fingerprint() == load_recipe(TINY).fingerprint()
+    assert load_recipe(TINY).fingerprint() != load_recipe(TINY, ["train.lr=0.1"]).fingerprint()

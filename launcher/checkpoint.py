@@ -77,8 +77,12 @@ class CheckpointManager:
         self.root = Path(root)
         self.keep_last = keep_last
 
-    def save(self, step: int, strategy: Strategy, meta: dict) -> Path:
-        """Collective: every rank calls it; returns the final folder."""
+    def save(self, step: int, strategy: Strategy, meta: dict, before_commit=None) -> Path:
+        """Collective: every rank calls it; returns the final folder.
+
+        ``before_commit`` runs on every rank once its state is written but before
+        the checkpoint is marked complete (fault-injection tests use it).
+        """
         final = self.root / f"step_{step}"
         partial = self.root / f".partial-step_{step}"
         if _rank() == 0:
@@ -88,6 +92,8 @@ class CheckpointManager:
         strategy.save(str(partial / "state"))
         (partial / "rng").mkdir(exist_ok=True)
         torch.save(rng_state(), partial / "rng" / f"rank_{_rank()}.pt")
+        if before_commit is not None:
+            before_commit()
         _barrier()
         if _rank() == 0:
             (partial / "meta.json").write_text(json.dumps({**meta, "step": step}, indent=2))

@@ -11,7 +11,7 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
-from tunefleet.launcher.errors import RecipeError, UserError
+from tunefleet.launcher.errors import RecipeError, TrainingFailed, UserError
 from tunefleet.launcher.recipe import Recipe, load_recipe, read_yaml
 
 app = typer.Typer(
@@ -64,7 +64,7 @@ def validate(recipes: Annotated[list[Path], typer.Argument(help="Recipe files.",
             out.print(f"[green]ok[/] {path}")
         except RecipeError as exc:
             failed = True
-            err.print(f"[red]invalid[/] {exc}", highlight=False)
+            err.print(f"[red]invalid[/] {exc}", highlight=False, soft_wrap=True)
     if failed:
         raise typer.Exit(2)
 
@@ -104,8 +104,8 @@ def main() -> None:
         os.environ.setdefault("DS_ACCELERATOR", "cpu")  # DeepSpeed otherwise warns on every import
     try:
         app()
-    except UserError as exc:
-        err.print(f"[red]error:[/] {exc}", highlight=False)
+    except (UserError, TrainingFailed) as exc:
+        err.print(f"[red]error:[/] {exc}", highlight=False, soft_wrap=True)
         sys.exit(exc.exit_code)
     except KeyboardInterrupt:
         err.print("interrupted")

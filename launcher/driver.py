@@ -16,7 +16,7 @@ from pathlib import Path
 
 from tunefleet.launcher import checkpoint, data, modeling
 from tunefleet.launcher.console import LaunchConsole
-from tunefleet.launcher.errors import Problem, RecipeError, UserError
+from tunefleet.launcher.errors import Problem, RecipeError, TrainingFailed, UserError
 from tunefleet.launcher.faults import parse as parse_fault
 from tunefleet.launcher.plan import make_plan
 from tunefleet.launcher.recipe import Recipe
@@ -144,12 +144,21 @@ def launch(recipe: Recipe, *, source: str, address: str | None = None, resume: s
                 time.sleep(0.2)
             progress.update(queue.get_nowait_batch(queue.qsize()) if queue.qsize() else [])
         if failure:
-            raise failure[0]
+            raise _training_failed(recipe, failure[0]) from failure[0]
     finally:
         ray.shutdown()
     summary = console.summary(output_dir, wall_time_s=time.time() - started)
     (output_dir / "summary.json").write_text(json.dumps(summary, indent=2))
     return LaunchResult(output_dir=str(output_dir), summary=summary)
+
+
+def _training_failed(recipe: Recipe, exc: BaseException) -> TrainingFailed:
+    resumable = checkpoint.latest(recipe.checkpoint_dir)
+    hint = f"; `tunefleet launch` again resumes from {resumable}" if resumable else ""
+    return TrainingFailed(
+        f"training failed after {recipe.fault_tolerance.max_restarts} allowed restart(s): "
+        f"{type(exc).__name__}: {exc}{hint}"
+    )
 
 
 def _fit(trainer, failure: list[BaseException]) -> None:

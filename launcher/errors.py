@@ -38,3 +38,9 @@ class DataError(UserError):
 
 class PreflightError(UserError):
     """A worker environment check failed before training started."""
+
+
+class TrainingFailed(Exception):
+    """Workers failed more often than ``fault_tolerance.max_restarts`` allows."""
+
+    exit_code = 1

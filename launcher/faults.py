@@ -1,8 +1,9 @@
 """Fault injection for tests, keyed by (rank, step): raise, SIGKILL or stall.
 
-Set ``TUNEFLEET_FAULT="rank=1,step=5,kind=sigkill"`` when launching; each fault
-fires once per output folder (a marker file remembers it), so the restarted
-worker group runs past it.
+Set ``TUNEFLEET_FAULT="rank=1,step=5,kind=sigkill"`` when launching (``at=step``,
+the default, fires before that step's forward; ``at=checkpoint`` fires while the
+checkpoint of that step is half written). Each fault fires once per output
+folder (a marker file remembers it), so the restarted worker group runs past it.
 """
 
 from __future__ import annotations
@@ -13,6 +14,7 @@ import time
 from pathlib import Path
 
 KINDS = ("raise", "sigkill", "stall")
+PLACES = ("step", "checkpoint")
 
 
 class InjectedFault(RuntimeError):
@@ -20,20 +22,22 @@ class InjectedFault(RuntimeError):
 
 
 def parse(spec: str) -> dict:
-    """`rank=1,step=5,kind=sigkill[,seconds=30]` -> dict; empty spec -> {}."""
+    """`rank=1,step=5,kind=sigkill[,at=checkpoint][,seconds=30]` -> dict; empty spec -> {}."""
     if not spec:
         return {}
     fault = dict(part.split("=", 1) for part in spec.split(","))
     if fault.get("kind") not in KINDS:
         raise ValueError(f"TUNEFLEET_FAULT kind must be one of {KINDS}: {spec!r}")
+    if fault.get("at", "step") not in PLACES:
+        raise ValueError(f"TUNEFLEET_FAULT at must be one of {PLACES}: {spec!r}")
     return {"rank": int(fault["rank"]), "step": int(fault["step"]), "kind": fault["kind"],
-            "seconds": float(fault.get("seconds", 3600))}
+            "at": fault.get("at", "step"), "seconds": float(fault.get("seconds", 3600))}
 
 
-def maybe_inject(fault: dict, *, rank: int, step: int, output_dir: str) -> None:
-    if fault["rank"] != rank or fault["step"] != step:
+def maybe_inject(fault: dict, *, rank: int, step: int, at: str, output_dir: str) -> None:
+    if (fault["rank"], fault["step"], fault["at"]) != (rank, step, at):
         return
-    marker = Path(output_dir) / f".fault-rank{rank}-step{step}"
+    marker = Path(output_dir) / f".fault-rank{rank}-step{step}-{at}"
     if marker.exists():
         return
     marker.write_text(fault["kind"])

@@ -11,6 +11,7 @@ import json
 import math
 import netrc
 import os
+import time
 from pathlib import Path
 from typing import Any
 
@@ -84,11 +85,11 @@ class Reporter:
     def log(self, row: dict[str, Any]) -> None:
         if not self.enabled:
             return
-        row = _clean(row)
+        row = _clean({**row, "time": round(time.time(), 3)})
         with self.path.open("a") as handle:
             handle.write(json.dumps(row) + "\n")
         if self._run is not None:
-            self._run.log({k: v for k, v in row.items() if k != "step"}, step=row["step"])
+            self._run.log({k: v for k, v in row.items() if k not in ("step", "time")}, step=row["step"])
         self._send({"event": "metrics", **row})
 
     def finish(self, summary: dict[str, Any]) -> None:

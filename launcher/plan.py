@@ -48,7 +48,7 @@ def strategy_plan(recipe: Recipe, strategy: str) -> StrategyPlan:
 def resolve_strategy(recipe: Recipe) -> tuple[str, str]:
     """(strategy name, reason); `auto` asks the memory planner."""
     if recipe.parallelism.strategy != "auto":
-        return recipe.parallelism.strategy, "chosen in the recipe (parallelism.strategy)"
+        return recipe.parallelism.strategy, "set by parallelism.strategy"
     from tunefleet.launcher.planner import choose_strategy
 
     return choose_strategy(recipe)

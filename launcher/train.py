@@ -81,7 +81,7 @@ def run(job: Job, reporter: Reporter) -> dict:
         checkpoints.save(step, strategy, {
             "tokens_seen": tokens_seen, "world_size": world_size, "wandb_run_id": wandb_run_id,
             "recipe_fingerprint": recipe.fingerprint(), "strategy": plan.name,
-        })
+        }, before_commit=lambda: inject_fault(job, rank, step, "checkpoint"))
 
     if eval_set is not None and start_step == 0:
         reporter.log({"step": 0, "eval_loss": evaluate(strategy, eval_set, device)})
@@ -94,7 +94,7 @@ def run(job: Job, reporter: Reporter) -> dict:
             micro_batch_size=recipe.train.micro_batch_size, grad_accum_steps=recipe.train.grad_accum_steps,
             seed=recipe.train.seed, pad_id=pad_id,
         )
-        job_faults_before_step(job, rank, step)
+        inject_fault(job, rank, step, "step")
         started = time.perf_counter()
         result = train_step(strategy, micro_batches, device)
         step_time_s = time.perf_counter() - started
@@ -128,10 +128,10 @@ def run(job: Job, reporter: Reporter) -> dict:
     return {"final_dir": str(final_dir) if recipe.checkpoint.export_final else None}
 
 
-def job_faults_before_step(job: Job, rank: int, step: int) -> None:
-    """Test hook: act on a fault planned for (rank, step); no-op in normal runs."""
+def inject_fault(job: Job, rank: int, step: int, at: str) -> None:
+    """Test hook: act on a fault planned for (rank, step, place); no-op in normal runs."""
     if job.fault:
         from tunefleet.launcher.faults import maybe_inject
 
-        maybe_inject(job.fault, rank=rank, step=step, output_dir=job.recipe.output_dir)
+        maybe_inject(job.fault, rank=rank, step=step, at=at, output_dir=job.recipe.output_dir)
 

@@ -186,8 +186,12 @@ class DeepSpeedZero3Strategy(_DeepSpeedStrategy):
         transformers keeps only a weak reference to this config, and reads it again
         after loading (PEFT, resizing), so the strategy holds it until teardown.
         """
+        import deepspeed
         from transformers.integrations import HfDeepSpeedConfig
 
+        # zero.Init reads the world size from DeepSpeed's comm layer: attach it to
+        # our process group first, or it partitions for a world of one.
+        deepspeed.init_distributed(dist_backend=dist.get_backend())
         self._hf_config = HfDeepSpeedConfig(self.config)
         yield
 

@@ -3,35 +3,15 @@
 from __future__ import annotations
 
 import json
-from pathlib import Path
 
 import pytest
 import torch
 import yaml
 
 from tests.conftest import tunefleet
+from tests.e2e.conftest import FULL, LORA, STEPS, launch, read_metrics
 
 pytestmark = pytest.mark.e2e
-
-STEPS = 24
-COMMON = [
-    f"--set=train.max_steps={STEPS}", "--set=train.eval_every_steps=12", "--set=logging.every_steps=1",
-    "--set=logging.wandb.mode=disabled", "--set=checkpoint.every_steps=12",
-]
-
-
-def read_metrics(run_dir: Path) -> tuple[list[dict], list[dict]]:
-    rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
-    return [r for r in rows if "loss" in r], [r for r in rows if "eval_loss" in r]
-
-
-def launch(recipe: str, out: Path, *extra: str, address: str | None = None):
-    args = ["launch", recipe, f"--set=output_dir={out}", *COMMON, *extra]
-    if address:
-        args += ["--address", address]
-    result = tunefleet(*args)
-    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-5000:]
-    return result
 
 
 def check_run(run_dir: Path) -> tuple[list[dict], list[dict]]:
@@ -55,10 +35,8 @@ def final_eval_logits(model) -> torch.Tensor:
 
 
 @pytest.fixture(scope="module")
-def full_run(ray_cluster, tmp_path_factory):
-    out = tmp_path_factory.mktemp("full") / "run"
-    result = launch("recipes/tiny/llama-full-ddp.yaml", out, address=ray_cluster.address)
-    return out, result
+def full_run(baseline_full):
+    return baseline_full
 
 
 def test_full_finetune_trains_and_exports(full_run):
@@ -75,7 +53,7 @@ def test_full_finetune_trains_and_exports(full_run):
 
 def test_same_seed_gives_same_losses(full_run, ray_cluster, tmp_path):
     first, _ = read_metrics(full_run[0])
-    launch("recipes/tiny/llama-full-ddp.yaml", tmp_path / "again", address=ray_cluster.address)
+    launch(FULL, tmp_path / "again", address=ray_cluster.address)
     second, _ = read_metrics(tmp_path / "again")
     assert [r["loss"] for r in first] == [r["loss"] for r in second]
 
@@ -86,8 +64,9 @@ def test_lora_on_embedded_ray(tmp_path):
     from transformers import AutoModelForCausalLM
 
     out = tmp_path / "lora"
-    launch("recipes/tiny/llama-lora-ddp.yaml", out)
+    launch(LORA, out, "--set=logging.wandb.mode=offline")
     check_run(out)
+    assert len(list((out / "wandb").glob("offline-run-*"))) == 1
     final = out / "final"
     assert (final / "adapter_config.json").is_file() and (final / "adapter_model.safetensors").is_file()
     base_path = json.loads((final / "adapter_config.json").read_text())["base_model_name_or_path"]
@@ -99,7 +78,7 @@ def test_lora_on_embedded_ray(tmp_path):
 
 def test_resume_never_refuses_existing_checkpoints(full_run):
     out, _ = full_run
-    result = tunefleet("launch", "recipes/tiny/llama-full-ddp.yaml", f"--set=output_dir={out}", "--resume", "never")
+    result = tunefleet("launch", FULL, f"--set=output_dir={out}", "--resume", "never")
     assert result.returncode == 2
     assert "already holds checkpoints" in result.stderr and "Traceback" not in result.stderr
 
@@ -108,7 +87,7 @@ def test_relaunch_of_finished_run_resumes_at_the_end(full_run, ray_cluster):
     """Re-running a finished recipe picks up its last checkpoint and trains nothing more."""
     out, _ = full_run
     before = (out / "metrics.jsonl").read_text()
-    launch("recipes/tiny/llama-full-ddp.yaml", out, address=ray_cluster.address)
+    launch(FULL, out, address=ray_cluster.address)
     train, _ = read_metrics(out)
     assert [r["step"] for r in train] == list(range(1, STEPS + 1))
     assert (out / "metrics.jsonl").read_text().splitlines()[: STEPS] == before.splitlines()[: STEPS]

@@ -90,7 +90,8 @@ def prepare_inputs(args: argparse.Namespace, work: Path):
     return recipe, model_path, str(data_dir)
 
 
-def floor_command(recipe, model_path: str, data_dir: str, out: Path) -> list[str]:
+def floor_command(recipe, model_path: str, data_dir: str) -> list[str]:
+    """Run B without ``--out`` (added per run): every knob taken from run A's resolved recipe."""
     train = recipe.train
     return [
         str(BIN / "torchrun"), "--standalone", "--nproc_per_node", str(NUM_WORKERS), str(FLOOR_SCRIPT),
@@ -98,7 +99,7 @@ def floor_command(recipe, model_path: str, data_dir: str, out: Path) -> list[str
         "--micro-batch", str(train.micro_batch_size), "--lr", repr(train.lr),
         "--betas", *(repr(b) for b in train.adam_betas), "--eps", repr(train.adam_eps),
         "--weight-decay", repr(train.weight_decay), "--warmup-steps", str(train.warmup_steps),
-        "--max-grad-norm", repr(train.max_grad_norm or 0.0), "--seed", str(train.seed), "--out", str(out),
+        "--max-grad-norm", repr(train.max_grad_norm or 0.0), "--seed", str(train.seed),
     ]
 
 
@@ -173,7 +174,7 @@ def run_tunefleet(args: argparse.Namespace, pair: int, work: Path) -> Run:
 
 def run_floor(floor: list[str], pair: int, work: Path) -> Run:
     out = work / f"torchrun-{pair}.jsonl"
-    started, wall_s = run_logged([*floor, str(out)], work / f"torchrun-{pair}.log")
+    started, wall_s = run_logged([*floor, "--out", str(out)], work / f"torchrun-{pair}.log")
     rows = [json.loads(line) for line in out.read_text().splitlines()]
     return Run("torchrun", pair, started, wall_s, rows)
 
@@ -182,14 +183,14 @@ def run_floor(floor: list[str], pair: int, work: Path) -> Run:
 def check_same_work(runs: list[Run]) -> dict:
     """Every run must see the same tokens at every step; step-1 losses must agree."""
     tokens = [[s["num_input_tokens"] for s in run.steps] for run in runs]
-    first_losses = {run.kind: run.steps[0]["loss"] for run in runs}
+    first_losses = {kind: [run.steps[0]["loss"] for run in runs if run.kind == kind] for kind in ("tunefleet", "torchrun")}
     loss_diff = max(abs(run.steps[0]["loss"] - runs[0].steps[0]["loss"]) for run in runs)
     last_diff = max(abs(run.steps[-1]["loss"] - runs[0].steps[-1]["loss"]) for run in runs)
     return {
         "same_tokens_per_step": all(t == tokens[0] for t in tokens),
         "tokens_per_step": {"min": min(tokens[0]), "median": statistics.median(tokens[0]), "max": max(tokens[0]),
                             "total": sum(tokens[0])},
-        "tokens_per_step_by_kind": {run.kind: statistics.median(t) for run, t in zip(runs, tokens)},
+        "tokens_per_step_by_kind": {kind: statistics.median(t) for kind, t in zip(("tunefleet", "torchrun"), tokens)},
         "loss_step_1": first_losses,
         "max_loss_step_1_diff": loss_diff,
         "max_loss_last_step_diff": last_diff,
@@ -250,17 +251,20 @@ def environment() -> dict:
 # --------------------------------------------------------------------------- main
 def run_pairs(args: argparse.Namespace, work: Path) -> list[Run]:
     recipe, model_path, data_dir = prepare_inputs(args, work)
-    floor = floor_command(recipe, model_path, data_dir, out=Path())[:-1]  # --out is filled per run
+    floor = floor_command(recipe, model_path, data_dir)
     print(f"model {model_path}\ndata  {data_dir}\nwork  {work}", flush=True)
     runs: list[Run] = []
-    for pair in range(args.pairs):
-        for kind, run in (("tunefleet", lambda: run_tunefleet(args, pair, work)),
-                          ("torchrun", lambda: run_floor(floor, pair, work))):
-            runs.append(run())
-            latest = runs[-1]
-            print(f"pair {pair} {kind:9s} tokens/s {latest.tokens_per_s(args.warmup):8,.0f}  "
-                  f"first step {latest.first_step_s:5.1f} s  wall {latest.wall_s:5.1f} s", flush=True)
+    for pair in range(args.pairs):  # A B A B ...: drift in machine load hits both sides alike
+        runs.append(run_tunefleet(args, pair, work))
+        print_run(runs[-1], args.warmup)
+        runs.append(run_floor(floor, pair, work))
+        print_run(runs[-1], args.warmup)
     return runs
+
+
+def print_run(run: Run, warmup: int) -> None:
+    print(f"pair {run.pair} {run.kind:9s} tokens/s {run.tokens_per_s(warmup):8,.0f}  "
+          f"first step {run.first_step_s:5.1f} s  wall {run.wall_s:5.1f} s", flush=True)
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -40,8 +40,12 @@ def recipes_root() -> Path:
 def launch(
     recipe: RecipeArg,
     overrides: SetOption = None,
-    address: Annotated[str | None, typer.Option(help="Ray cluster to join; default RAY_ADDRESS or an embedded local Ray.")] = None,
-    resume: Annotated[str, typer.Option(help="auto: continue from the latest checkpoint; never: refuse if checkpoints exist.")] = "auto",
+    address: Annotated[
+        str | None, typer.Option(help="Ray cluster to join; default RAY_ADDRESS or an embedded local Ray.")
+    ] = None,
+    resume: Annotated[
+        str, typer.Option(help="auto: continue from the latest checkpoint; never: refuse if checkpoints exist.")
+    ] = "auto",
 ) -> None:
     """Train: validate, plan, provision Ray workers and run the recipe."""
     from tunefleet.launcher.driver import launch as run_launch
@@ -49,7 +53,12 @@ def launch(
     if resume not in ("auto", "never"):
         raise UserError("--resume must be auto or never")
     loaded = load_recipe(recipe, overrides or [])
-    run_launch(loaded, source=str(recipe), address=address, resume=resume)
+    result = run_launch(loaded, source=str(recipe), address=address, resume=resume)
+    if result.preempted_at is not None:
+        from tunefleet.launcher.control import EXIT_PREEMPTED
+
+        err.print(f"preempted: checkpoint saved at step {result.preempted_at}; launch again to resume")
+        raise typer.Exit(EXIT_PREEMPTED)
 
 
 @app.command()

@@ -16,6 +16,7 @@ from pathlib import Path
 
 from tunefleet.launcher import checkpoint, data, modeling
 from tunefleet.launcher.console import LaunchConsole
+from tunefleet.launcher.control import EXIT_PREEMPTED, Control, forward_signals_to
 from tunefleet.launcher.errors import Problem, RecipeError, TrainingFailed, UserError
 from tunefleet.launcher.faults import parse as parse_fault
 from tunefleet.launcher.plan import make_plan
@@ -57,6 +58,7 @@ def check_recipe(recipe: Recipe, source: str):
 class LaunchResult:
     output_dir: str
     summary: dict
+    preempted_at: int | None = None
 
 
 def prepare_job(recipe: Recipe, source: str, resume: str) -> tuple[Job, str]:
@@ -96,7 +98,7 @@ def _connect(recipe: Recipe, address: str | None) -> None:
     ray.init(num_cpus=max(os.cpu_count() or 1, needed), logging_level="WARNING")
 
 
-def _trainer(job: Job, queue):
+def _trainer(job: Job, queue, control):
     from ray.train import FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchConfig, TorchTrainer
 
@@ -105,10 +107,11 @@ def _trainer(job: Job, queue):
     recipe, par = job.recipe, job.recipe.parallelism
     return TorchTrainer(
         train_loop_per_worker,
-        train_loop_config={"job": job, "queue": queue},
+        train_loop_config={"job": job, "queue": queue, "control": control},
         torch_config=TorchConfig(backend="nccl" if par.use_gpu else "gloo", timeout_s=par.collective_timeout_s),
         scaling_config=ScalingConfig(
-            num_workers=par.world_size, use_gpu=par.use_gpu, resources_per_worker={"CPU": par.cpus_per_worker},
+            num_workers=(par.min_workers, par.world_size) if par.min_workers else par.world_size,
+            use_gpu=par.use_gpu, resources_per_worker={"CPU": par.cpus_per_worker},
             placement_strategy="STRICT_SPREAD" if par.num_nodes > 1 and par.workers_per_node == 1 else "PACK",
         ),
         run_config=RunConfig(
@@ -135,8 +138,10 @@ def launch(recipe: Recipe, *, source: str, address: str | None = None, resume: s
     _connect(recipe, address)
     try:
         queue = Queue(maxsize=10_000)
+        control = Control.remote()
+        forward_signals_to(control, on_signal=lambda _: _exit_after_grace(recipe, console))
         failure: list[BaseException] = []
-        thread = threading.Thread(target=_fit, args=(_trainer(job, queue), failure), daemon=True)
+        thread = threading.Thread(target=_fit, args=(_trainer(job, queue, control), failure), daemon=True)
         thread.start()
         with console.progress(recipe.train.max_steps) as progress:
             while thread.is_alive():
@@ -149,7 +154,23 @@ def launch(recipe: Recipe, *, source: str, address: str | None = None, resume: s
         ray.shutdown()
     summary = console.summary(output_dir, wall_time_s=time.time() - started)
     (output_dir / "summary.json").write_text(json.dumps(summary, indent=2))
-    return LaunchResult(output_dir=str(output_dir), summary=summary)
+    return LaunchResult(output_dir=str(output_dir), summary=summary, preempted_at=console.finish.get("preempted_at"))
+
+
+def _exit_after_grace(recipe: Recipe, console: LaunchConsole) -> None:
+    """Once a stop is requested, give workers the grace period, then leave regardless."""
+
+    def expire() -> None:
+        console.console.print(
+            f"preemption grace of {recipe.fault_tolerance.preemption_grace_s:.0f}s ran out; exiting; "
+            "the next launch resumes from the latest complete checkpoint"
+        )
+        os._exit(EXIT_PREEMPTED)
+
+    console.console.print("stop requested: checkpointing, then exiting")
+    timer = threading.Timer(recipe.fault_tolerance.preemption_grace_s, expire)
+    timer.daemon = True
+    timer.start()
 
 
 def _training_failed(recipe: Recipe, exc: BaseException) -> TrainingFailed:

@@ -184,6 +184,10 @@ class ParallelismConfig(Section):
     workers_per_node: int = Field(1, ge=1, description="Training processes per machine (one per GPU on GPU).")
     use_gpu: bool = Field(False, description="One GPU per worker, NCCL backend; false trains on CPU over gloo.")
     cpus_per_worker: int = Field(1, ge=1, description="CPU cores Ray reserves for each worker.")
+    min_workers: int | None = Field(
+        None, ge=1, description="Keep training on at least this many workers after losing nodes "
+        "(accumulation grows to keep the global batch); default: wait for the full count.",
+    )
     mixed_precision: Literal["no", "bf16", "fp16"] = Field("no", description="Compute dtype for forward/backward.")
     activation_checkpointing: bool = Field(False, description="Recompute activations in backward to save memory.")
     cpu_offload: bool = Field(False, description="Keep parameters and optimizer state in host memory (fsdp, ZeRO).")
@@ -193,17 +197,33 @@ class ParallelismConfig(Section):
     def world_size(self) -> int:
         return self.num_nodes * self.workers_per_node
 
+    @model_validator(mode="after")
+    def _min_workers(self) -> ParallelismConfig:
+        if self.min_workers is not None and self.min_workers > self.world_size:
+            raise ValueError(
+                f"parallelism.min_workers ({self.min_workers}) exceeds num_nodes x workers_per_node "
+                f"({self.world_size}); lower it"
+            )
+        return self
+
 
 # --------------------------------------------------------------------------- checkpoint
 class CheckpointConfig(Section):
     every_steps: int | None = Field(None, ge=1, description="Save a resumable checkpoint every N steps.")
     keep_last: int = Field(2, ge=1, description="How many complete checkpoints to keep.")
-    dir: LocalPath | None = Field(None, description="Checkpoint folder (shared storage); default `<output_dir>/checkpoints`.")
-    export_final: bool = Field(True, description="Save the trained model in Hugging Face format to `<output_dir>/final`.")
+    dir: LocalPath | None = Field(
+        None, description="Checkpoint folder (shared storage); default `<output_dir>/checkpoints`."
+    )
+    export_final: bool = Field(
+        True, description="Save the trained model in Hugging Face format to `<output_dir>/final`."
+    )
 
 
 class FaultToleranceConfig(Section):
     max_restarts: int = Field(0, ge=0, description="Restart the worker group after a failure this many times.")
+    preemption_grace_s: float = Field(
+        120.0, gt=0, description="After SIGTERM/SIGUSR1, seconds allowed to write a checkpoint before exiting."
+    )
 
 
 # --------------------------------------------------------------------------- logging
@@ -247,6 +267,19 @@ class Recipe(Section):
     )
     logging: LoggingConfig = Field(default_factory=LoggingConfig, description="Metrics, console and W&B.")
     cluster: ClusterConfig = Field(default_factory=ClusterConfig, description="Where the Ray cluster is.")
+
+    @model_validator(mode="after")
+    def _elastic_batches(self) -> Recipe:
+        par, train = self.parallelism, self.train
+        global_rows = train.micro_batch_size * train.grad_accum_steps * par.world_size
+        for workers in range(par.min_workers or par.world_size, par.world_size):
+            if global_rows % (workers * train.micro_batch_size):
+                raise ValueError(
+                    f"parallelism.min_workers: on {workers} workers the global batch of {global_rows} rows "
+                    f"does not split into micro-batches of {train.micro_batch_size}; raise min_workers or "
+                    "change train.micro_batch_size"
+                )
+        return self
 
     @model_validator(mode="after")
     def _cross_checks(self) -> Recipe:

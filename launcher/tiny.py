@@ -34,14 +34,11 @@ from tunefleet.launcher.errors import UserError
 # --------------------------------------------------------------------------- synthetic tasks
 Example = tuple[str, str, str]  # (instruction, input, output)
 
-_WORDS = """river garden window lantern teacher market bridge forest letter kettle
-harbor candle mountain village engine pocket meadow violin basket tower table
-mirror pencil ladder blanket island rocket summer winter orange silver yellow
-quiet bright gentle narrow golden purple simple clever hollow distant""".split()
+_WORDS = ["river", "garden", "window", "lantern", "teacher", "market", "bridge", "forest", "letter", "kettle", "harbor", "candle", "mountain", "village", "engine", "pocket", "meadow", "violin", "basket", "tower", "table", "mirror", "pencil", "ladder", "blanket", "island", "rocket", "summer", "winter", "orange", "silver", "yellow", "quiet", "bright", "gentle", "narrow", "golden", "purple", "simple", "clever", "hollow", "distant"]
 _NOUNS, _ADJECTIVES = _WORDS[:30], _WORDS[30:]
-_VERBS = "rested waited glowed leaned drifted stood slept turned moved shone".split()
-_PREPOSITIONS = "near under beside behind above across".split()
-_TIMES = "morning evening night spring autumn".split()
+_VERBS = ["rested", "waited", "glowed", "leaned", "drifted", "stood", "slept", "turned", "moved", "shone"]
+_PREPOSITIONS = ["near", "under", "beside", "behind", "above", "across"]
+_TIMES = ["morning", "evening", "night", "spring", "autumn"]
 
 # Made-up countries, so every answer must be learned from the data.
 _CAPITALS = (

@@ -14,6 +14,8 @@ import torch.distributed as dist
 
 from tunefleet.launcher import data, modeling
 from tunefleet.launcher.checkpoint import CheckpointManager, latest
+from tunefleet.launcher.control import StopPoller
+from tunefleet.launcher.errors import UserError
 from tunefleet.launcher.metrics import Reporter
 from tunefleet.launcher.recipe import Recipe
 from tunefleet.launcher.steps import evaluate, train_step
@@ -39,9 +41,24 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
-def run(job: Job, reporter: Reporter) -> dict:
-    recipe, plan = job.recipe, job.strategy_plan
+def elastic_plan(plan: StrategyPlan, world_size: int) -> StrategyPlan:
+    """The plan for the workers Ray actually gave us: same global batch, accumulation adjusted."""
+    if world_size == plan.world_size:
+        return plan
+    global_rows = plan.micro_batch_size * plan.grad_accum_steps * plan.world_size
+    per_rank, remainder = divmod(global_rows, world_size)
+    if remainder or per_rank % plan.micro_batch_size:
+        raise UserError(
+            f"the global batch of {global_rows} rows cannot be split over {world_size} workers with "
+            f"train.micro_batch_size {plan.micro_batch_size}; change parallelism.min_workers or the batch sizes"
+        )
+    return plan.model_copy(update={"world_size": world_size, "grad_accum_steps": per_rank // plan.micro_batch_size})
+
+
+def run(job: Job, reporter: Reporter, control=None) -> dict:
+    recipe = job.recipe
     rank, world_size = dist.get_rank(), dist.get_world_size()
+    plan = elastic_plan(job.strategy_plan, world_size)
     device = torch.device("cuda", torch.cuda.current_device()) if plan.use_gpu else torch.device("cpu")
     seed_everything(recipe.train.seed)
 
@@ -63,7 +80,7 @@ def run(job: Job, reporter: Reporter) -> dict:
     eval_split = data.open_split(Path(job.data_dir), "eval")
     pad_id = tokenizer.pad_token_id
     eval_set = (
-        data.eval_batches(eval_split, rank=rank, world_size=world_size, batch_size=recipe.train.micro_batch_size,
+        data.eval_batches(eval_split, rank=rank, world_size=world_size, batch_size=plan.micro_batch_size,
                           max_rows=recipe.data.eval.max_rows, pad_id=pad_id)
         if eval_split is not None else None
     )
@@ -88,10 +105,11 @@ def run(job: Job, reporter: Reporter) -> dict:
 
     # The loop.
     every_eval, every_ckpt = recipe.train.eval_every_steps, recipe.checkpoint.every_steps
+    stop = StopPoller(control, rank)
     for step in range(start_step, recipe.train.max_steps):
         micro_batches = data.rank_micro_batches(
             train_split, step, rank=rank, world_size=world_size,
-            micro_batch_size=recipe.train.micro_batch_size, grad_accum_steps=recipe.train.grad_accum_steps,
+            micro_batch_size=plan.micro_batch_size, grad_accum_steps=plan.grad_accum_steps,
             seed=recipe.train.seed, pad_id=pad_id,
         )
         inject_fault(job, rank, step, "step")
@@ -104,13 +122,19 @@ def run(job: Job, reporter: Reporter) -> dict:
             reporter.log({
                 "step": done, "loss": result.loss, "lr": strategy.scheduler.get_last_lr()[0],
                 "grad_norm": result.grad_norm, "tokens_per_s": result.num_input_tokens / step_time_s,
-                "samples_per_s": recipe.train.rows_per_worker_step * world_size / step_time_s,
+                "samples_per_s": plan.micro_batch_size * plan.grad_accum_steps * world_size / step_time_s,
                 "step_time_s": step_time_s, "tokens_seen": tokens_seen,
             })
         if eval_set is not None and every_eval and done % every_eval == 0 and done != recipe.train.max_steps:
             reporter.log({"step": done, "eval_loss": evaluate(strategy, eval_set, device)})
-        if every_ckpt and done % every_ckpt == 0 and done != recipe.train.max_steps:
+        saved = every_ckpt and done % every_ckpt == 0 and done != recipe.train.max_steps
+        if saved:
             save_checkpoint(done)
+        if done != recipe.train.max_steps and stop.agreed():
+            if not saved:
+                save_checkpoint(done)
+            strategy.teardown()
+            return {"preempted_at": done, "reason": stop.reason}
 
     # The end: final eval, a last checkpoint, and the exported model.
     final_step = recipe.train.max_steps

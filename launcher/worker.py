@@ -33,5 +33,5 @@ def train_loop_per_worker(config: dict) -> None:
         run_name=job.recipe.name,
         config=job.recipe.model_dump(mode="json"),
     )
-    result = run(job, reporter)
+    result = run(job, reporter, control=config.get("control"))
     reporter.finish(result)

@@ -47,3 +47,36 @@ def test_raised_exception_restarts_too(baseline_full, ray_cluster, tmp_path):
     faulty_run(ray_cluster, out, "rank=0,step=20,kind=raise")
     assert (out / ".fault-rank0-step20-step").exists()
     assert_bitwise_equal(final_weights(out), final_weights(baseline_full[0]))
+
+
+def test_sigterm_checkpoints_exits_75_and_the_next_launch_resumes(baseline_full, ray_cluster, tmp_path):
+    import os
+    import signal
+    import subprocess
+    import time
+
+    from tests.conftest import BIN
+    from tests.e2e.conftest import COMMON
+
+    out = tmp_path / "preempted"
+    proc = subprocess.Popen(
+        [str(BIN / "tunefleet"), "launch", FULL, f"--set=output_dir={out}", *COMMON,
+         "--address", ray_cluster.address],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+    )
+    metrics = out / "metrics.jsonl"
+    deadline = time.time() + 300
+    while time.time() < deadline and proc.poll() is None:
+        if metrics.exists() and len(read_metrics(out)[0]) >= 3:
+            break
+        time.sleep(0.2)
+    os.kill(proc.pid, signal.SIGTERM)
+    stdout, stderr = proc.communicate(timeout=300)
+    assert proc.returncode == 75, stdout[-2000:] + stderr[-3000:]
+    assert "preempted: checkpoint saved at step" in stderr
+    saved = int(stderr.split("checkpoint saved at step ")[1].split(";")[0])
+    assert 3 <= saved < STEPS and (out / "checkpoints" / f"step_{saved}" / "COMPLETE").is_file()
+
+    launch(FULL, out, address=ray_cluster.address)
+    assert_bitwise_equal(final_weights(out), final_weights(baseline_full[0]))
+    assert_clean_metrics(out)

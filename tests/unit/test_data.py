@@ -6,13 +6,13 @@ import json
 
 import numpy as np
 import pytest
+from transformers import AutoTokenizer
 
 from tests.conftest import REPO
 from tunefleet.launcher import data
 from tunefleet.launcher.errors import DataError
 from tunefleet.launcher.recipe import DataConfig, DataSource
 from tunefleet.launcher.tiny import ensure_tiny_model
-from transformers import AutoTokenizer
 
 TINY_DATA = REPO / "recipes" / "tiny" / "data"
 

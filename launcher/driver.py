@@ -17,9 +17,10 @@ from pathlib import Path
 from tunefleet.launcher import checkpoint, data, modeling
 from tunefleet.launcher.console import LaunchConsole
 from tunefleet.launcher.control import EXIT_PREEMPTED, Control, forward_signals_to
-from tunefleet.launcher.errors import Problem, RecipeError, TrainingFailed, UserError
+from tunefleet.launcher.errors import PreflightError, Problem, RecipeError, TrainingFailed, UserError
 from tunefleet.launcher.faults import parse as parse_fault
-from tunefleet.launcher.plan import make_plan
+from tunefleet.launcher.plan import make_plan, rebalance
+from tunefleet.launcher.preflight import package_versions
 from tunefleet.launcher.recipe import Recipe
 from tunefleet.launcher.train import Job
 
@@ -69,12 +70,18 @@ def prepare_job(recipe: Recipe, source: str, resume: str) -> tuple[Job, str]:
             f"{recipe.checkpoint_dir} already holds checkpoints (latest {existing.name}); "
             "use --resume auto to continue, or a new output_dir"
         )
+    if existing is not None:
+        saved_rows = checkpoint.read_meta(existing).get("global_batch_rows", plan.global_batch_rows)
+        if saved_rows != plan.global_batch_rows:
+            plan = rebalance(plan, world_size=plan.world_size, global_rows=saved_rows)
+            reason += f"; accumulation set to {plan.grad_accum_steps} to keep the checkpoint's global batch"
     model_path = modeling.resolve_model_path(recipe.model)
     tokenizer = modeling.load_tokenizer(model_path)
     data_dir = data.prepare(recipe.data, tokenizer, model_path, seed=recipe.train.seed)
     job = Job(
         recipe=recipe, strategy_plan=plan, model_path=model_path, data_dir=str(data_dir),
-        wandb_run_id=uuid.uuid4().hex[:12], fault=parse_fault(os.environ.get("TUNEFLEET_FAULT", "")),
+        wandb_run_id=uuid.uuid4().hex[:12], driver_versions=package_versions(),
+        fault=parse_fault(os.environ.get("TUNEFLEET_FAULT", "")),
     )
     return job, reason
 
@@ -152,6 +159,10 @@ def launch(recipe: Recipe, *, source: str, address: str | None = None, resume: s
             raise _training_failed(recipe, failure[0]) from failure[0]
     finally:
         ray.shutdown()
+    if console.finish.get("preflight"):
+        (output_dir / "preflight.json").write_text(json.dumps(console.finish["preflight"], indent=2))
+    if console.finish.get("preflight_failed"):
+        raise PreflightError("preflight failed:\n" + "\n".join(f"  - {p}" for p in console.finish["preflight_failed"]))
     summary = console.summary(output_dir, wall_time_s=time.time() - started)
     (output_dir / "summary.json").write_text(json.dumps(summary, indent=2))
     return LaunchResult(output_dir=str(output_dir), summary=summary, preempted_at=console.finish.get("preempted_at"))

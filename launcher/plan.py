@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import os
 
-from tunefleet.launcher.errors import Problem, RecipeError
+from tunefleet.launcher.errors import Problem, RecipeError, UserError
 from tunefleet.launcher.recipe import Recipe
 from tunefleet.strategies.base import StrategyPlan
 from tunefleet.strategies.compat import check_compatibility
@@ -75,3 +75,22 @@ def _local_gpus() -> int:
     import torch
 
     return torch.cuda.device_count()
+
+
+def rebalance(plan: StrategyPlan, *, world_size: int, global_rows: int | None = None) -> StrategyPlan:
+    """The plan on ``world_size`` workers with the same global batch (accumulation adjusted).
+
+    Used when Ray gives fewer workers after a node loss (``parallelism.min_workers``) and when a
+    checkpoint written at another world size is resumed.
+    """
+    global_rows = global_rows or plan.global_batch_rows
+    if world_size == plan.world_size and global_rows == plan.global_batch_rows:
+        return plan
+    per_rank, remainder = divmod(global_rows, world_size)
+    if remainder or per_rank % plan.micro_batch_size:
+        raise UserError(
+            f"the global batch of {global_rows} rows cannot be split over {world_size} workers with "
+            f"train.micro_batch_size {plan.micro_batch_size}; change parallelism.min_workers, "
+            "parallelism.workers_per_node or train.micro_batch_size"
+        )
+    return plan.model_copy(update={"world_size": world_size, "grad_accum_steps": per_rank // plan.micro_batch_size})

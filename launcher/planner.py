@@ -188,6 +188,13 @@ def _gib(num_bytes: float) -> str:
     return f"{num_bytes / GiB:.1f} GiB"
 
 
+def _count(num: int) -> str:
+    for unit, size in (("B", 1e9), ("M", 1e6), ("K", 1e3)):
+        if num >= size:
+            return f"{num / size:.3g}{unit}"
+    return str(num)
+
+
 def _blocked(recipe: Recipe, strategy: str, cpu_offload: bool) -> str | None:
     par = recipe.parallelism
     if cpu_offload != par.cpu_offload:
@@ -284,8 +291,8 @@ def choose_strategy(recipe: Recipe) -> tuple[str, str]:
 def render(report: PlanReport) -> Group:
     """The plan as a rich table (one row per strategy) and the choice below it."""
     title = (
-        f"{report.model_path} ({report.method}): {report.num_params / 1e9:.3g}B params, "
-        f"{report.num_trainable_params / 1e6:.4g}M trainable; {report.num_nodes} node(s) x "
+        f"{report.model_path} ({report.method}): {_count(report.num_params)} params, "
+        f"{_count(report.num_trainable_params)} trainable; {report.num_nodes} node(s) x "
         f"{report.workers_per_node} {report.device} worker(s), {_gib(report.capacity_bytes)} {report.per}"
     )
     table = Table(title=title, title_justify="left")

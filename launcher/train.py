@@ -15,8 +15,9 @@ import torch.distributed as dist
 from tunefleet.launcher import data, modeling
 from tunefleet.launcher.checkpoint import CheckpointManager, latest
 from tunefleet.launcher.control import StopPoller
-from tunefleet.launcher.errors import UserError
 from tunefleet.launcher.metrics import Reporter
+from tunefleet.launcher.plan import rebalance
+from tunefleet.launcher.preflight import run_preflight
 from tunefleet.launcher.recipe import Recipe
 from tunefleet.launcher.steps import evaluate, train_step
 from tunefleet.strategies import base as strategies
@@ -32,6 +33,8 @@ class Job:
     model_path: str
     data_dir: str
     wandb_run_id: str
+    driver_versions: dict = field(default_factory=dict)
+    host_bytes_needed: int = 0
     fault: dict = field(default_factory=dict)  # test-only fault injection, see faults.py
 
 
@@ -41,26 +44,20 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
-def elastic_plan(plan: StrategyPlan, world_size: int) -> StrategyPlan:
-    """The plan for the workers Ray actually gave us: same global batch, accumulation adjusted."""
-    if world_size == plan.world_size:
-        return plan
-    global_rows = plan.micro_batch_size * plan.grad_accum_steps * plan.world_size
-    per_rank, remainder = divmod(global_rows, world_size)
-    if remainder or per_rank % plan.micro_batch_size:
-        raise UserError(
-            f"the global batch of {global_rows} rows cannot be split over {world_size} workers with "
-            f"train.micro_batch_size {plan.micro_batch_size}; change parallelism.min_workers or the batch sizes"
-        )
-    return plan.model_copy(update={"world_size": world_size, "grad_accum_steps": per_rank // plan.micro_batch_size})
-
-
-def run(job: Job, reporter: Reporter, control=None) -> dict:
+def run(job: Job, reporter: Reporter, control=None, node: str | None = None) -> dict:
     recipe = job.recipe
     rank, world_size = dist.get_rank(), dist.get_world_size()
-    plan = elastic_plan(job.strategy_plan, world_size)
+    plan = rebalance(job.strategy_plan, world_size=world_size)
     device = torch.device("cuda", torch.cuda.current_device()) if plan.use_gpu else torch.device("cpu")
     seed_everything(recipe.train.seed)
+
+    # Preflight: fail in seconds, naming the node, before anything heavy happens.
+    problems, preflight = run_preflight(
+        driver_versions=job.driver_versions, checkpoint_dir=recipe.checkpoint_dir,
+        host_bytes_needed=job.host_bytes_needed, device=device, node=node,
+    )
+    if problems:
+        return {"preflight_failed": problems, "preflight": preflight}
 
     # Model, strategy, optimizer.
     strategy = strategies.create(plan)
@@ -98,6 +95,7 @@ def run(job: Job, reporter: Reporter, control=None) -> dict:
         checkpoints.save(step, strategy, {
             "tokens_seen": tokens_seen, "world_size": world_size, "wandb_run_id": wandb_run_id,
             "recipe_fingerprint": recipe.fingerprint(), "strategy": plan.name,
+            "global_batch_rows": plan.global_batch_rows,
         }, before_commit=lambda: inject_fault(job, rank, step, "checkpoint"))
 
     if eval_set is not None and start_step == 0:
@@ -134,7 +132,7 @@ def run(job: Job, reporter: Reporter, control=None) -> dict:
             if not saved:
                 save_checkpoint(done)
             strategy.teardown()
-            return {"preempted_at": done, "reason": stop.reason}
+            return {"preempted_at": done, "reason": stop.reason, "preflight": preflight}
 
     # The end: final eval, a last checkpoint, and the exported model.
     final_step = recipe.train.max_steps
@@ -149,7 +147,7 @@ def run(job: Job, reporter: Reporter, control=None) -> dict:
             modeling.save_final(strategy.unwrapped, state, tokenizer, final_dir)
         dist.barrier()
     strategy.teardown()
-    return {"final_dir": str(final_dir) if recipe.checkpoint.export_final else None}
+    return {"final_dir": str(final_dir) if recipe.checkpoint.export_final else None, "preflight": preflight}
 
 
 def inject_fault(job: Job, rank: int, step: int, at: str) -> None:

@@ -5,7 +5,9 @@ from __future__ import annotations
 
 import logging
 import os
+import socket
 
+import ray
 import ray.train
 
 from tunefleet.launcher.metrics import Reporter
@@ -33,5 +35,6 @@ def train_loop_per_worker(config: dict) -> None:
         run_name=job.recipe.name,
         config=job.recipe.model_dump(mode="json"),
     )
-    result = run(job, reporter, control=config.get("control"))
+    node = f"{socket.gethostname()}/{ray.get_runtime_context().get_node_id()[:8]}"
+    result = run(job, reporter, control=config.get("control"), node=node)
     reporter.finish(result)

@@ -47,6 +47,10 @@ class StrategyPlan(BaseModel):
     deepspeed_overrides: dict = Field(default_factory=dict)
 
     @property
+    def global_batch_rows(self) -> int:
+        return self.micro_batch_size * self.grad_accum_steps * self.world_size
+
+    @property
     def device_type(self) -> str:
         return "cuda" if self.use_gpu else "cpu"
 

@@ -122,14 +122,17 @@ class _State:
     optimizer: float
 
 
-def frozen_param_bytes(shape: ModelShape, setup: TrainingSetup) -> float:
-    """Bytes of the frozen base as loaded: 4-bit Linears for QLoRA, the rest upcast to fp32
-    (peft's ``prepare_model_for_kbit_training``) or kept in the loaded dtype (LoRA)."""
+def frozen_param_bytes(shape: ModelShape, setup: TrainingSetup, *, float_bytes: int | None = None) -> float:
+    """Bytes of the frozen base: QLoRA's 4-bit Linears, the other weights at ``float_bytes``.
+
+    By default those are fp32 for QLoRA (peft's ``prepare_model_for_kbit_training``
+    upcasts them) and the loaded dtype otherwise.
+    """
     num_frozen = shape.num_params - shape.num_trainable_params
-    if setup.method == "qlora":
-        quantized = shape.num_quantized_params
-        return quantized * QLORA_BYTES_PER_PARAM + (num_frozen - quantized) * 4
-    return num_frozen * setup.weight_bytes
+    quantized = shape.num_quantized_params if setup.method == "qlora" else 0
+    if float_bytes is None:
+        float_bytes = 4 if setup.method == "qlora" else setup.weight_bytes
+    return quantized * QLORA_BYTES_PER_PARAM + (num_frozen - quantized) * float_bytes
 
 
 def trainable_bytes_per_param(setup: TrainingSetup) -> int:
@@ -170,7 +173,7 @@ def deepspeed_state(
     num_ranks, num_trainable = setup.world_size, shape.num_trainable_params
     mixed = setup.mixed_precision != "no"
     train_bytes = 2 if mixed else trainable_bytes_per_param(setup)
-    frozen = 2 * (shape.num_params - num_trainable) if mixed else frozen_param_bytes(shape, setup)
+    frozen = frozen_param_bytes(shape, setup, float_bytes=2 if mixed else None)  # the engine casts to 16-bit
     params = frozen + train_bytes * num_trainable
     grads = train_bytes * num_trainable / num_ranks
     master = (4 if mixed else train_bytes) * num_trainable / num_ranks

@@ -144,8 +144,9 @@ def launch(recipe: Recipe, *, source: str, address: str | None = None, resume: s
     started = time.time()
     _connect(recipe, address)
     try:
-        queue = Queue(maxsize=10_000)
-        control = Control.remote()
+        on_head = {"num_cpus": 0, "scheduling_strategy": _head_node_affinity()}
+        queue = Queue(maxsize=10_000, actor_options=on_head)
+        control = Control.options(**on_head).remote()
         forward_signals_to(control, on_signal=lambda _: _exit_after_grace(recipe, console))
         failure: list[BaseException] = []
         thread = threading.Thread(target=_fit, args=(_trainer(job, queue, control), failure), daemon=True)
@@ -166,6 +167,15 @@ def launch(recipe: Recipe, *, source: str, address: str | None = None, resume: s
     summary = console.summary(output_dir, wall_time_s=time.time() - started)
     (output_dir / "summary.json").write_text(json.dumps(summary, indent=2))
     return LaunchResult(output_dir=str(output_dir), summary=summary, preempted_at=console.finish.get("preempted_at"))
+
+
+def _head_node_affinity():
+    """Driver-side actors live on the head node, the one node a run cannot lose."""
+    import ray
+    from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+
+    head = next(n for n in ray.nodes() if n["Alive"] and "node:__internal_head__" in n["Resources"])
+    return NodeAffinitySchedulingStrategy(node_id=head["NodeID"], soft=False)
 
 
 def _exit_after_grace(recipe: Recipe, console: LaunchConsole) -> None:

@@ -1,0 +1,90 @@
+"""Several Ray nodes on this machine: one worker per node (STRICT_SPREAD), and
+losing a node mid-run, with and without `parallelism.min_workers`."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import time
+
+import pytest
+
+from tests.conftest import BIN, FAST_HEALTH_CHECKS, RayCluster
+from tests.e2e.conftest import COMMON, FULL, STEPS, read_metrics
+
+pytestmark = pytest.mark.e2e
+
+TWO_NODES = ["--set=parallelism.num_nodes=2", "--set=parallelism.workers_per_node=1",
+             "--set=train.grad_accum_steps=2", "--set=fault_tolerance.max_restarts=3"]
+
+
+@pytest.fixture
+def cluster():
+    """A head that runs no training (0 CPUs) plus two 1-CPU worker nodes."""
+    cluster = RayCluster(num_cpus=0, env=FAST_HEALTH_CHECKS)
+    cluster.add_node()
+    cluster.add_node()
+    cluster.wait_for_nodes(3)
+    yield cluster
+    cluster.stop()
+
+
+def start_launch(cluster, out, *extra) -> subprocess.Popen:
+    return subprocess.Popen(
+        [str(BIN / "tunefleet"), "launch", FULL, f"--set=output_dir={out}", *COMMON, *TWO_NODES, *extra,
+         "--address", cluster.address],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+    )
+
+
+def wait_for_step(out, step: int, proc, timeout_s: float = 300) -> None:
+    deadline = time.time() + timeout_s
+    while time.time() < deadline and proc.poll() is None:
+        if (out / "metrics.jsonl").exists() and len(read_metrics(out)[0]) >= step:
+            return
+        time.sleep(0.2)
+    raise AssertionError(f"run never reached step {step}")
+
+
+def finish(proc) -> str:
+    stdout, stderr = proc.communicate(timeout=600)
+    assert proc.returncode == 0, stdout[-3000:] + stderr[-4000:]
+    return stdout
+
+
+def assert_complete(out) -> None:
+    assert [r["step"] for r in read_metrics(out)[0]] == list(range(1, STEPS + 1))
+    assert (out / "final" / "model.safetensors").is_file()
+
+
+def test_one_worker_per_node_trains_to_completion(cluster, tmp_path):
+    out = tmp_path / "spread"
+    finish(start_launch(cluster, out))
+    assert_complete(out)
+    assert len(json.loads((out / "preflight.json").read_text())["nodes"]) == 2
+
+
+def test_node_loss_continues_on_fewer_workers_with_min_workers(cluster, tmp_path):
+    out = tmp_path / "shrink"
+    proc = start_launch(cluster, out, "--set=parallelism.min_workers=1")
+    wait_for_step(out, 10, proc)  # past the step-8 checkpoint
+    RayCluster.kill(cluster.nodes[1])
+    stdout = finish(proc)
+    assert "resuming from" in stdout and "step_8" in stdout
+    assert_complete(out)
+
+
+def test_node_loss_waits_for_a_replacement_without_min_workers(cluster, tmp_path):
+    out = tmp_path / "replace"
+    proc = start_launch(cluster, out)
+    wait_for_step(out, 10, proc)
+    RayCluster.kill(cluster.nodes[1])
+    cluster.wait_for_nodes(2)
+    time.sleep(5)
+    last_before = len(read_metrics(out)[0])
+    assert proc.poll() is None, "the run must wait, not fail"
+    cluster.add_node()
+    stdout = finish(proc)
+    assert "resuming from" in stdout
+    assert_complete(out)
+    assert last_before < STEPS

@@ -14,13 +14,14 @@ import json
 import random
 import re
 import shutil
+import threading
 from pathlib import Path
 
 import numpy as np
 import torch
 import torch.distributed as dist
 
-from tunefleet.strategies.base import Strategy
+from tunefleet.strategies.base import AsyncSave, Strategy
 
 COMPLETE = "COMPLETE"
 _STEP_DIR = re.compile(r"^step_(\d+)$")
@@ -73,9 +74,17 @@ def read_meta(path: str | Path) -> dict:
 
 
 class CheckpointManager:
-    def __init__(self, root: str, keep_last: int):
+    """Saves are collective. With ``async_save`` and a strategy that can (``AsyncSave``),
+    the state is written in the background and the step loop stalls only for staging;
+    the checkpoint becomes complete (marker + rename) once every rank's write is done."""
+
+    def __init__(self, root: str, keep_last: int, async_save: bool = False):
         self.root = Path(root)
         self.keep_last = keep_last
+        self.async_save = async_save
+        self._pending: threading.Thread | None = None
+        self._pending_error: list[BaseException] = []
+        self._group = None
 
     def save(self, step: int, strategy: Strategy, meta: dict, before_commit=None) -> Path:
         """Collective: every rank calls it; returns the final folder.
@@ -83,27 +92,63 @@ class CheckpointManager:
         ``before_commit`` runs on every rank once its state is written but before
         the checkpoint is marked complete (fault-injection tests use it).
         """
+        self.wait()  # one checkpoint in flight at a time
         final = self.root / f"step_{step}"
         partial = self.root / f".partial-step_{step}"
         if _rank() == 0:
             shutil.rmtree(partial, ignore_errors=True)
-            partial.mkdir(parents=True)
+            (partial / "rng").mkdir(parents=True)
         _barrier()
-        strategy.save(str(partial / "state"))
-        (partial / "rng").mkdir(exist_ok=True)
         torch.save(rng_state(), partial / "rng" / f"rank_{_rank()}.pt")
+        meta = {**meta, "step": step}
+        if self.async_save and isinstance(strategy, AsyncSave):
+            future = strategy.save_async(str(partial / "state"), self._checkpoint_group())
+            self._pending = threading.Thread(
+                target=self._finish_async, args=(future, partial, final, meta, before_commit), daemon=True
+            )
+            self._pending.start()
+            return final
+        strategy.save(str(partial / "state"))
         if before_commit is not None:
             before_commit()
         _barrier()
         if _rank() == 0:
-            (partial / "meta.json").write_text(json.dumps({**meta, "step": step}, indent=2))
-            (partial / COMPLETE).write_text("")
-            if final.exists():
-                shutil.rmtree(final)
-            partial.rename(final)
-            self.prune()
+            self._commit(partial, final, meta)
         _barrier()
         return final
+
+    def _checkpoint_group(self):
+        if self._group is None and dist.is_initialized():
+            self._group = dist.new_group(backend="gloo")
+        return self._group
+
+    def _finish_async(self, future, partial: Path, final: Path, meta: dict, before_commit) -> None:
+        try:
+            future.result()
+            if before_commit is not None:
+                before_commit()
+            if dist.is_initialized():
+                dist.barrier(group=self._group)
+            if _rank() == 0:
+                self._commit(partial, final, meta)
+        except BaseException as exc:  # surfaced on the training thread by wait()
+            self._pending_error.append(exc)
+
+    def _commit(self, partial: Path, final: Path, meta: dict) -> None:
+        (partial / "meta.json").write_text(json.dumps(meta, indent=2))
+        (partial / COMPLETE).write_text("")
+        if final.exists():
+            shutil.rmtree(final)
+        partial.rename(final)
+        self.prune()
+
+    def wait(self) -> None:
+        """Block until a background save is complete on disk; re-raise its error."""
+        if self._pending is not None:
+            self._pending.join()
+            self._pending = None
+        if self._pending_error:
+            raise self._pending_error.pop()
 
     def load(self, path: Path, strategy: Strategy) -> dict:
         """Collective: restore strategy state, and this rank's RNG if the world size matches."""

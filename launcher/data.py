@@ -1,281 +1,141 @@
-"""Rows -> token ids with loss masks -> a cache on disk -> batches.
+"""Tokenized data as workers see it: memory-mapped splits, the sampler, batches.
 
-Tokenization happens once, on the driver, before any worker starts; the result
-is a folder of flat numpy arrays keyed by a content hash of (source files,
-format options, tokenizer), which workers memory-map. The sampler draws the
-global batch of step ``s`` from a per-epoch seeded permutation, so the sequence
-of global batches does not depend on the number of workers, and resuming at
-step ``s`` needs nothing but ``s``.
+The pipeline: rows (``sources.py``) -> examples of (text, is_target) segments
+(``formats.py``) -> token ids with -100 masks, mixed, split and packed
+(``preprocess.py``, ``packing.py``) -> a cache folder of flat numpy arrays keyed
+by a content hash, written once before any worker starts -> this module, which
+memory-maps the arrays on every worker and cuts them into batches.
+
+The sampler draws the global batch of step ``s`` from a per-epoch seeded
+permutation of the examples, so the sequence of global batches does not depend
+on the number of workers (ranks take strided slices of it), and resuming at
+step ``s`` needs nothing but ``s``. An example is one row, one packed row, or a
+(chosen, rejected) pair.
 """
 
 from __future__ import annotations
 
-import hashlib
 import json
-import os
-import shutil
-import tempfile
-from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import torch
 
-from tunefleet.launcher.errors import DataError
-from tunefleet.launcher.recipe import DataConfig, DataSource
-
 IGNORE_INDEX = -100
-CACHE_VERSION = "1"
-ALPACA_PROMPT = "### Instruction:\n{instruction}\n\n### Response:\n"
-ALPACA_PROMPT_WITH_INPUT = "### Instruction:\n{instruction}\n\n### Input:\n{input}\n\n### Response:\n"
-_ROLES = {"system", "user", "assistant"}
+_ARRAYS = ("input_ids", "labels", "offsets", "position_ids", "class_labels")
 
 
-# --------------------------------------------------------------------------- reading
-def read_rows(path: str) -> Iterator[tuple[int, dict]]:
-    """(line number, row) for a JSONL file, or (index + 1, row) for a JSON list."""
-    file = Path(path)
-    if not file.is_file():
-        raise DataError(f"{path}: data file not found; fix data.sources[].path")
-    if file.suffix == ".json":
-        try:
-            rows = json.loads(file.read_text())
-        except json.JSONDecodeError as exc:
-            raise DataError(f"{path}:{exc.lineno}: invalid JSON ({exc.msg})") from None
-        if not isinstance(rows, list):
-            raise DataError(f"{path}: a .json data file must hold a list of objects")
-        yield from enumerate(rows, start=1)
-        return
-    with file.open(encoding="utf-8") as handle:
-        for line_no, line in enumerate(handle, start=1):
-            if not line.strip():
-                continue
-            try:
-                yield line_no, json.loads(line)
-            except json.JSONDecodeError as exc:
-                raise DataError(f"{path}:{line_no}: invalid JSON ({exc.msg})") from None
-
-
-def _field(row: dict, name: str, where: str, *, required: bool = True) -> str:
-    if not isinstance(row, dict):
-        raise DataError(f"{where}: expected a JSON object, got {type(row).__name__}")
-    value = row.get(name)
-    if value is None and not required:
-        return ""
-    if not isinstance(value, str):
-        problem = "missing" if value is None else f"must be a string, got {type(value).__name__}"
-        raise DataError(f"{where}: field `{name}` {problem}")
-    if required and not value.strip():
-        raise DataError(f"{where}: field `{name}` is empty")
-    return value
-
-
-# --------------------------------------------------------------------------- formats
-def alpaca_segments(row: dict, where: str, eos: str) -> list[tuple[str, bool]]:
-    """[(text, is_target)] for an instruction/input/output row."""
-    instruction = _field(row, "instruction", where)
-    extra = _field(row, "input", where, required=False)
-    output = _field(row, "output", where)
-    template = ALPACA_PROMPT_WITH_INPUT if extra.strip() else ALPACA_PROMPT
-    return [(template.format(instruction=instruction, input=extra), False), (output + eos, True)]
-
-
-def chat_segments(row: dict, where: str, tokenizer) -> list[tuple[str, bool]]:
-    """[(text, is_target)] for a chat row: only assistant replies are targets."""
-    messages = row.get("messages") if isinstance(row, dict) else None
-    if not isinstance(messages, list) or not messages:
-        raise DataError(f"{where}: field `messages` must be a non-empty list of {{role, content}}")
-    for i, message in enumerate(messages):
-        role = message.get("role") if isinstance(message, dict) else None
-        if role not in _ROLES:
-            raise DataError(f"{where}: messages[{i}].role is {role!r}; use one of {sorted(_ROLES)}")
-        _field(message, "content", f"{where}: messages[{i}]")
-    if messages[-1]["role"] != "assistant":
-        raise DataError(f"{where}: the last message must be from the assistant")
-
-    def render(upto: int, generation_prompt: bool = False) -> str:
-        if upto == 0 and not generation_prompt:
-            return ""
-        return tokenizer.apply_chat_template(
-            messages[:upto], tokenize=False, add_generation_prompt=generation_prompt
-        )
-
-    segments, rendered = [], ""
-    for i, message in enumerate(messages):
-        if message["role"] == "assistant":
-            header = render(i, generation_prompt=True)
-            segments.append((header[len(rendered):], False))
-            rendered = header
-        full = render(i + 1)
-        if not full.startswith(rendered):
-            raise DataError(f"{where}: the chat template does not render conversations prefix by prefix")
-        segments.append((full[len(rendered):], message["role"] == "assistant"))
-        rendered = full
-    return segments
-
-
-def row_segments(source: DataSource, row: dict, where: str, tokenizer) -> list[tuple[str, bool]]:
-    if source.format == "alpaca":
-        return alpaca_segments(row, where, tokenizer.eos_token or "")
-    if source.format == "chat":
-        return chat_segments(row, where, tokenizer)
-    if source.format == "completion":
-        return [(_field(row, "prompt", where), False), (_field(row, "completion", where) + tokenizer.eos_token, True)]
-    return [(_field(row, "text", where) + (tokenizer.eos_token or ""), True)]
-
-
-# --------------------------------------------------------------------------- tokenizing
 @dataclass(frozen=True)
 class TokenizedSplit:
-    """Flat token/label arrays with row offsets; rows are ``ids[offsets[i]:offsets[i+1]]``."""
+    """Flat token arrays with row offsets: row ``i`` is ``input_ids[offsets[i]:offsets[i + 1]]``.
+
+    ``labels`` holds the per-token targets (-100: no loss), ``position_ids`` the
+    positions of packed rows (restarting at 0 for every packed example), and
+    ``class_labels`` one class id per row for classification (no token labels).
+    With ``rows_per_example == 2`` rows ``2e`` and ``2e + 1`` are the chosen and
+    the rejected sequence of preference pair ``e``.
+    """
 
     input_ids: np.ndarray
-    labels: np.ndarray
+    labels: np.ndarray | None
     offsets: np.ndarray
-    num_truncated: int = 0
+    position_ids: np.ndarray | None = None
+    class_labels: np.ndarray | None = None
+    rows_per_example: int = 1
 
     def __len__(self) -> int:
         return len(self.offsets) - 1
 
-    def row(self, index: int) -> tuple[np.ndarray, np.ndarray]:
-        start, end = self.offsets[index], self.offsets[index + 1]
-        return self.input_ids[start:end], self.labels[start:end]
+    @property
+    def num_examples(self) -> int:
+        return len(self) // self.rows_per_example
 
     @property
     def num_tokens(self) -> int:
         return int(self.offsets[-1])
 
+    def row(self, index: int) -> tuple[np.ndarray, np.ndarray | None]:
+        start, end = self.offsets[index], self.offsets[index + 1]
+        return self.input_ids[start:end], None if self.labels is None else self.labels[start:end]
 
-def tokenize_rows(rows: list[list[tuple[str, bool]]], tokenizer, max_seq_len: int, train_on_prompt: bool):
-    texts = [text for segments in rows for text, _ in segments]
-    encoded = tokenizer(texts, add_special_tokens=False)["input_ids"]
-    bos = [tokenizer.bos_token_id] if tokenizer.bos_token_id is not None else []
-    ids_out, labels_out, lengths, truncated, cursor = [], [], [], 0, 0
-    for segments in rows:
-        ids, labels = list(bos), [IGNORE_INDEX] * len(bos)
-        for _, is_target in segments:
-            piece = encoded[cursor]
-            cursor += 1
-            ids.extend(piece)
-            labels.extend(piece if is_target or train_on_prompt else [IGNORE_INDEX] * len(piece))
-        if len(ids) > max_seq_len:
-            truncated += 1
-            ids, labels = ids[:max_seq_len], labels[:max_seq_len]
-        ids_out.extend(ids)
-        labels_out.extend(labels)
-        lengths.append(len(ids))
-    offsets = np.zeros(len(lengths) + 1, dtype=np.int64)
-    np.cumsum(lengths, out=offsets[1:])
-    return TokenizedSplit(np.asarray(ids_out, np.int32), np.asarray(labels_out, np.int32), offsets, truncated)
+    def example_rows(self, examples) -> list[int]:
+        """Row indices of these examples: all first rows (chosen), then all second rows (rejected)."""
+        k = self.rows_per_example
+        return [int(e) * k + j for j in range(k) for e in examples]
 
+    def take(self, examples) -> TokenizedSplit:
+        """A new split holding these examples (rows copied, pairs kept together)."""
+        rows = np.asarray([int(e) * self.rows_per_example + j for e in examples for j in range(self.rows_per_example)],
+                          dtype=np.int64)
+        lengths = np.diff(self.offsets)[rows] if len(rows) else np.zeros(0, np.int64)
+        offsets = np.zeros(len(rows) + 1, dtype=np.int64)
+        np.cumsum(lengths, out=offsets[1:])
+        token_index = np.concatenate([np.arange(self.offsets[r], self.offsets[r + 1]) for r in rows] or [[]])
+        token_index = token_index.astype(np.int64)
 
-def load_split(sources: list[DataSource], tokenizer, cfg: DataConfig) -> TokenizedSplit:
-    rows = []
-    for source in sources:
-        for line_no, row in read_rows(source.path):
-            rows.append(row_segments(source, row, f"{source.path}:{line_no}", tokenizer))
-    if not rows:
-        raise DataError(f"{', '.join(s.path for s in sources)}: no rows; add data or fix data.sources")
-    return tokenize_rows(rows, tokenizer, cfg.max_seq_len, cfg.train_on_prompt)
+        def gather(array):
+            return None if array is None else np.asarray(array)[token_index]
 
+        return TokenizedSplit(
+            np.asarray(self.input_ids)[token_index], gather(self.labels), offsets, gather(self.position_ids),
+            None if self.class_labels is None else np.asarray(self.class_labels)[rows], self.rows_per_example,
+        )
 
-# --------------------------------------------------------------------------- cache
-def _file_digest(path: str) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        for block in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
+    def save(self, folder: Path) -> None:
+        folder.mkdir(parents=True)
+        for name in _ARRAYS:
+            if getattr(self, name) is not None:
+                np.save(folder / f"{name}.npy", getattr(self, name))
+        (folder / "split.json").write_text(json.dumps({"rows_per_example": self.rows_per_example}))
 
-
-def cache_key(cfg: DataConfig, tokenizer_dir: str) -> str:
-    digest = hashlib.sha256(CACHE_VERSION.encode())
-    spec = cfg.model_dump(mode="json", exclude={"cache_dir"})
-    digest.update(json.dumps(spec, sort_keys=True).encode())
-    for source in cfg.sources + ([cfg.eval] if cfg.eval and cfg.eval.path else []):
-        digest.update(_file_digest(source.path).encode())
-    for name in sorted(os.listdir(tokenizer_dir)):
-        if "token" in name or name in ("special_tokens_map.json", "chat_template.jinja"):
-            digest.update(name.encode() + _file_digest(os.path.join(tokenizer_dir, name)).encode())
-    return digest.hexdigest()[:20]
+    @classmethod
+    def load(cls, folder: Path) -> TokenizedSplit:
+        """Memory-maps every array: opening a split costs no copy, whatever its size."""
+        arrays = {name: np.load(folder / f"{name}.npy", mmap_mode="r") if (folder / f"{name}.npy").is_file()
+                  else None for name in _ARRAYS}
+        return cls(**arrays, **json.loads((folder / "split.json").read_text()))
 
 
-def default_cache_dir() -> Path:
-    root = os.environ.get("TUNEFLEET_CACHE") or os.path.expanduser("~/.cache/tunefleet")
-    return Path(root) / "datasets"
+def concat(splits: list[TokenizedSplit]) -> TokenizedSplit:
+    """One split holding every row of ``splits`` in order (all of one kind)."""
+    first = splits[0]
+    offsets = [np.zeros(1, np.int64)]
+    for split in splits:
+        offsets.append(np.asarray(split.offsets[1:]) + offsets[-1][-1])
+
+    def joined(name):
+        return None if getattr(first, name) is None else np.concatenate([getattr(s, name) for s in splits])
+
+    return TokenizedSplit(joined("input_ids"), joined("labels"), np.concatenate(offsets), joined("position_ids"),
+                          joined("class_labels"), first.rows_per_example)
 
 
-def _save_split(split: TokenizedSplit, folder: Path) -> None:
-    folder.mkdir(parents=True)
-    for name in ("input_ids", "labels", "offsets"):
-        np.save(folder / f"{name}.npy", getattr(split, name))
+def prepare(cfg, tokenizer, tokenizer_dir: str, seed: int) -> Path:
+    """Tokenize into the cache in this process; see ``preprocess.prepare`` (and ``prepare_on_ray``)."""
+    from tunefleet.launcher.preprocess import prepare as prepare_in_process
 
-
-def _load_split(folder: Path) -> TokenizedSplit:
-    arrays = {name: np.load(folder / f"{name}.npy", mmap_mode="r") for name in ("input_ids", "labels", "offsets")}
-    return TokenizedSplit(**arrays)
-
-
-def prepare(cfg: DataConfig, tokenizer, tokenizer_dir: str, seed: int) -> Path:
-    """Tokenize train (and eval) once into the cache; return the cache folder."""
-    cache = Path(cfg.cache_dir) if cfg.cache_dir else default_cache_dir()
-    target = cache / cache_key(cfg, tokenizer_dir)
-    if (target / "meta.json").is_file():
-        return target
-    train = load_split(cfg.sources, tokenizer, cfg)
-    evaluation = None
-    if cfg.eval and cfg.eval.path:
-        evaluation = load_split([cfg.sources[0].model_copy(update={"path": cfg.eval.path})], tokenizer, cfg)
-    elif cfg.eval and cfg.eval.fraction:
-        train, evaluation = _split_fraction(train, cfg.eval.fraction, seed)
-    cache.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=".tmp-", dir=cache))
-    _save_split(train, staging / "train")
-    if evaluation is not None:
-        _save_split(evaluation, staging / "eval")
-    meta = {"train_rows": len(train), "train_tokens": train.num_tokens, "truncated": train.num_truncated,
-            "eval_rows": len(evaluation) if evaluation else 0}
-    (staging / "meta.json").write_text(json.dumps(meta))
-    try:
-        staging.rename(target)
-    except OSError:  # another process finished the same cache first
-        shutil.rmtree(staging, ignore_errors=True)
-    return target
-
-
-def _split_fraction(split: TokenizedSplit, fraction: float, seed: int) -> tuple[TokenizedSplit, TokenizedSplit]:
-    order = np.random.default_rng(seed).permutation(len(split))
-    num_eval = max(1, int(len(split) * fraction))
-    return _take(split, np.sort(order[num_eval:])), _take(split, np.sort(order[:num_eval]))
-
-
-def _take(split: TokenizedSplit, indices: np.ndarray) -> TokenizedSplit:
-    rows = [split.row(i) for i in indices]
-    offsets = np.zeros(len(rows) + 1, dtype=np.int64)
-    np.cumsum([len(ids) for ids, _ in rows], out=offsets[1:])
-    return TokenizedSplit(
-        np.concatenate([ids for ids, _ in rows]), np.concatenate([lab for _, lab in rows]), offsets
-    )
+    return prepare_in_process(cfg, tokenizer, tokenizer_dir, seed)
 
 
 def cache_meta(folder: Path) -> dict:
+    """What preprocessing counted: rows, tokens, truncated/dropped/skipped, packing efficiency, sources."""
     return json.loads((Path(folder) / "meta.json").read_text())
 
 
 def open_split(folder: Path, name: str) -> TokenizedSplit | None:
     path = Path(folder) / name
-    return _load_split(path) if path.is_dir() else None
+    return TokenizedSplit.load(path) if path.is_dir() else None
 
 
-# --------------------------------------------------------------------------- batching
-def global_batch_indices(num_rows: int, step: int, global_batch: int, seed: int) -> np.ndarray:
-    """Row indices of the global batch at ``step``: a seeded permutation per epoch."""
+# --------------------------------------------------------------------------- sampling
+def global_batch_indices(num_examples: int, step: int, global_batch: int, seed: int) -> np.ndarray:
+    """Example indices of the global batch at ``step``: a seeded permutation per epoch."""
     start = step * global_batch
     out = []
     while len(out) < global_batch:
-        epoch, offset = divmod(start + len(out), num_rows)
-        order = np.random.default_rng([seed, epoch]).permutation(num_rows)
+        epoch, offset = divmod(start + len(out), num_examples)
+        order = np.random.default_rng([seed, epoch]).permutation(num_examples)
         out.extend(order[offset : offset + global_batch - len(out)].tolist())
     return np.asarray(out, dtype=np.int64)
 
@@ -286,32 +146,67 @@ def rank_micro_batches(
 ) -> list[dict[str, torch.Tensor]]:
     """This rank's micro-batches of the global batch at ``step`` (rank-strided)."""
     per_rank = micro_batch_size * grad_accum_steps
-    indices = global_batch_indices(len(split), step, per_rank * world_size, seed)
+    indices = global_batch_indices(split.num_examples, step, per_rank * world_size, seed)
     mine = indices[rank::world_size]
-    return [collate([split.row(i) for i in mine[m : m + micro_batch_size]], pad_id)
-            for m in range(0, per_rank, micro_batch_size)]
+    return [collate(split, mine[m : m + micro_batch_size], pad_id) for m in range(0, per_rank, micro_batch_size)]
 
 
 def eval_batches(split: TokenizedSplit, *, rank: int, world_size: int, batch_size: int,
                  max_rows: int | None, pad_id: int) -> list[dict[str, torch.Tensor]]:
     """Every rank gets the same number of batches (sharded models run collectives)."""
-    num_rows = min(len(split), max_rows or len(split))
-    mine = list(range(rank, num_rows, world_size))
-    rows_per_rank = -(-num_rows // world_size)
-    num_batches = -(-rows_per_rank // batch_size)
-    return [collate([split.row(i) for i in mine[b * batch_size:(b + 1) * batch_size]], pad_id)
-            for b in range(num_batches)]
+    num_examples = min(split.num_examples, max_rows or split.num_examples)
+    mine = list(range(rank, num_examples, world_size))
+    per_rank = -(-num_examples // world_size)
+    return [collate(split, mine[b * batch_size:(b + 1) * batch_size], pad_id)
+            for b in range(-(-per_rank // batch_size))]
 
 
-def collate(rows: list[tuple[np.ndarray, np.ndarray]], pad_id: int) -> dict[str, torch.Tensor]:
-    """Right-pad to the longest row; no rows gives one all-ignored pad token (keeps ranks in step)."""
-    rows = rows or [(np.asarray([pad_id], np.int32), np.asarray([IGNORE_INDEX], np.int32))]
+# --------------------------------------------------------------------------- batches
+def collate(split: TokenizedSplit, examples, pad_id: int) -> dict[str, torch.Tensor]:
+    """Right-padded tensors of these examples (pairs: chosen rows, then rejected rows).
+
+    No examples gives one all-ignored pad row per example row (keeps ranks in
+    step). Packed splits add ``position_ids``; the pad tail restarts at 0, so it
+    is a document of its own. Classification gives one label per row.
+    """
+    rows = [split.row(r) for r in split.example_rows(examples)]
+    rows = rows or [(np.asarray([pad_id]), None)] * split.rows_per_example
     width = max(len(ids) for ids, _ in rows)
     input_ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
     labels = torch.full((len(rows), width), IGNORE_INDEX, dtype=torch.long)
     attention_mask = torch.zeros((len(rows), width), dtype=torch.long)
     for i, (ids, labs) in enumerate(rows):
         input_ids[i, : len(ids)] = torch.from_numpy(np.asarray(ids, dtype=np.int64))
-        labels[i, : len(labs)] = torch.from_numpy(np.asarray(labs, dtype=np.int64))
+        if labs is not None:
+            labels[i, : len(labs)] = torch.from_numpy(np.asarray(labs, dtype=np.int64))
         attention_mask[i, : len(ids)] = 1
-    return {"input_ids": input_ids, "attention_mask": attention_mask, "labels": labels}
+    batch = {"input_ids": input_ids, "attention_mask": attention_mask, "labels": labels}
+    if split.class_labels is not None:
+        row_ids = split.example_rows(examples)
+        batch["labels"] = torch.as_tensor(np.asarray(split.class_labels)[row_ids] if row_ids else [IGNORE_INDEX],
+                                          dtype=torch.long)
+    if split.position_ids is not None:
+        batch["position_ids"] = _packed_positions(split, examples, width)
+    return batch
+
+
+def _packed_positions(split: TokenizedSplit, examples, width: int) -> torch.Tensor:
+    positions = torch.arange(width).repeat(max(len(examples), 1), 1)
+    for i, r in enumerate(split.example_rows(examples)):
+        start, end = split.offsets[r], split.offsets[r + 1]
+        positions[i, : end - start] = torch.from_numpy(np.asarray(split.position_ids[start:end], dtype=np.int64))
+        positions[i, end - start:] = torch.arange(width - (end - start))
+    return positions
+
+
+def model_inputs(batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """The keyword arguments of the model's forward for a batch from ``collate``.
+
+    Packed batches keep their 2-D ``attention_mask`` for counting tokens but do
+    not pass it: transformers builds the per-document (block-diagonal causal)
+    mask from restarting ``position_ids`` only when no 2-D mask is given and the
+    call has no KV cache (``use_cache=False``); on GPU with flash attention the
+    same inputs take the variable-length path.
+    """
+    drop = {"labels", "attention_mask"} if "position_ids" in batch else {"labels"}
+    return {k: v for k, v in batch.items() if k not in drop}

@@ -18,6 +18,7 @@ from typing import Any
 from tunefleet.launcher.recipe import WandbConfig
 
 METRICS_FILE = "metrics.jsonl"
+WANDB_STEP_FILE = ".wandb_last_step"
 
 
 def wandb_mode(cfg: WandbConfig) -> str:
@@ -60,6 +61,7 @@ class Reporter:
         self.run_name = run_name
         self.config = config or {}
         self._run = None
+        self._wandb_seen = -1  # steps W&B received in earlier attempts; a resume recomputes them bitwise
 
     def start(self, *, start_step: int, wandb_run_id: str, resumed_from: Path | None) -> None:
         if not self.enabled:
@@ -68,6 +70,8 @@ class Reporter:
         truncate_after(self.path, start_step)
         if self.wandb_cfg is not None and wandb_mode(self.wandb_cfg) != "disabled":
             self._run = self._init_wandb(wandb_run_id)
+            step_file = self.path.parent / WANDB_STEP_FILE
+            self._wandb_seen = int(step_file.read_text()) if step_file.is_file() else -1
         self._send({"event": "start", "start_step": start_step,
                     "resumed_from": str(resumed_from) if resumed_from else None})
 
@@ -88,8 +92,9 @@ class Reporter:
         row = _clean({**row, "time": round(time.time(), 3)})
         with self.path.open("a") as handle:
             handle.write(json.dumps(row) + "\n")
-        if self._run is not None:
+        if self._run is not None and row["step"] > self._wandb_seen:
             self._run.log({k: v for k, v in row.items() if k not in ("step", "time")}, step=row["step"])
+            (self.path.parent / WANDB_STEP_FILE).write_text(str(row["step"]))
         self._send({"event": "metrics", **row})
 
     def finish(self, summary: dict[str, Any]) -> None:

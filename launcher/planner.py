@@ -30,6 +30,7 @@ from tunefleet.launcher.modeling import check_model_path
 from tunefleet.launcher.recipe import TINY_PREFIX, ModelConfig, Recipe
 from tunefleet.strategies import memory
 from tunefleet.strategies.compat import check_compatibility
+from tunefleet.strategies.fsdp import decoder_layers
 from tunefleet.strategies.memory import GiB, MemoryEstimate, ModelShape, TrainingSetup
 
 # Simplest first: auto takes the first one that fits.
@@ -105,8 +106,6 @@ def _num_params(module: torch.nn.Module, recurse: bool = True) -> int:
 
 def model_shape(model: torch.nn.Module, *, quantize_base: bool) -> ModelShape:
     """Exact counts from a (meta) model; ``quantize_base`` marks frozen Linears in the layers as 4-bit."""
-    from tunefleet.strategies.fsdp import decoder_layers
-
     layers = decoder_layers(model)
     in_layers = {id(p) for layer in layers for p in layer.parameters()}
     params = list(model.parameters())  # tied parameters appear once
@@ -136,6 +135,7 @@ def training_setup(recipe: Recipe, world_size: int) -> TrainingSetup:
     par = recipe.parallelism
     return TrainingSetup(
         method=recipe.method.kind,
+        objective=recipe.method.objective,
         world_size=world_size,
         weight_bytes=_WEIGHT_BYTES[recipe.model.dtype],
         mixed_precision=par.mixed_precision,
@@ -181,7 +181,7 @@ class PlanReport(_Frozen):
 
     @property
     def per(self) -> str:
-        return "per device" if self.device == "gpu" else "per worker"
+        return _per(self.device == "gpu")
 
 
 def _gib(num_bytes: float) -> str:
@@ -195,18 +195,18 @@ def _count(num: int) -> str:
     return str(num)
 
 
-def _blocked(recipe: Recipe, strategy: str, cpu_offload: bool) -> str | None:
+def _blocked(recipe: Recipe, strategy: str, *, cpu_offload: bool, on_gpu: bool) -> str | None:
     par = recipe.parallelism
     if cpu_offload != par.cpu_offload:
         return "needs parallelism.cpu_offload: true" if cpu_offload else "parallelism.cpu_offload is true"
     problems = check_compatibility(
-        strategy, recipe.method.kind, use_gpu=par.use_gpu, cpu_offload=cpu_offload,
-        mixed_precision=par.mixed_precision,
+        strategy, recipe.method.kind, use_gpu=on_gpu, cpu_offload=cpu_offload, mixed_precision=par.mixed_precision
     )
     return "; ".join(problems) or None
 
 
 def _fit(recipe: Recipe, estimate: MemoryEstimate, *, on_gpu: bool, capacity_bytes: int) -> StrategyFit:
+    """GPU: the device parts against the GPU; CPU: everything a worker holds against its share of RAM."""
     host = max(estimate.load_bytes, estimate.offloaded_bytes)
     need = estimate.device_bytes if on_gpu else max(estimate.device_bytes + estimate.offloaded_bytes, host)
     return StrategyFit(
@@ -214,7 +214,7 @@ def _fit(recipe: Recipe, estimate: MemoryEstimate, *, on_gpu: bool, capacity_byt
         need_bytes=need,
         host_bytes=host if on_gpu else need,
         fits=need <= capacity_bytes * USABLE_FRACTION,
-        blocked=_blocked(recipe, estimate.strategy, estimate.cpu_offload),
+        blocked=_blocked(recipe, estimate.strategy, cpu_offload=estimate.cpu_offload, on_gpu=on_gpu),
     )
 
 
@@ -226,7 +226,18 @@ def _variants(recipe: Recipe, on_gpu: bool) -> list[tuple[str, bool]]:
     return rows
 
 
+def _capacity_bytes(on_gpu: bool, gpu_memory_gib: float | None, workers_per_node: int) -> int:
+    if on_gpu:
+        return int((gpu_memory_gib or DEFAULT_GPU_MEMORY_GIB) * GiB)
+    return psutil.virtual_memory().available // workers_per_node
+
+
+def _per(on_gpu: bool) -> str:
+    return "per device" if on_gpu else "per worker"
+
+
 def _choose(rows: tuple[StrategyFit, ...], capacity_bytes: int, per: str) -> tuple[str | None, str]:
+    """The first row that fits and may be picked, or why none can."""
     for row in rows:
         if row.fits and row.blocked is None:
             name = row.memory.strategy + (" with cpu offload" if row.memory.cpu_offload else "")
@@ -257,10 +268,7 @@ def plan_report(
     num_nodes = num_nodes or par.num_nodes
     workers_per_node = gpus_per_node or par.workers_per_node
     on_gpu = par.use_gpu or gpus_per_node is not None or gpu_memory_gib is not None
-    if on_gpu:
-        capacity = int((gpu_memory_gib or DEFAULT_GPU_MEMORY_GIB) * GiB)
-    else:
-        capacity = psutil.virtual_memory().available // workers_per_node
+    capacity = _capacity_bytes(on_gpu, gpu_memory_gib, workers_per_node)
     model = build_meta_model(recipe)
     shape = model_shape(model, quantize_base=recipe.method.kind == "qlora")
     setup = training_setup(recipe, num_nodes * workers_per_node)
@@ -268,8 +276,7 @@ def plan_report(
         _fit(recipe, memory.estimate(name, shape, setup, cpu_offload=offload), on_gpu=on_gpu, capacity_bytes=capacity)
         for name, offload in _variants(recipe, on_gpu)
     )
-    per = "per device" if on_gpu else "per worker"
-    choice, reason = _choose(rows, capacity, per)
+    choice, reason = _choose(rows, capacity, _per(on_gpu))
     return PlanReport(
         model_path=recipe.model.path, method=recipe.method.kind,
         num_params=shape.num_params, num_trainable_params=shape.num_trainable_params,

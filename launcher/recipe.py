@@ -19,6 +19,7 @@ import yaml
 from pydantic import (
     AfterValidator,
     BaseModel,
+    BeforeValidator,
     ConfigDict,
     Field,
     ValidationError,
@@ -46,7 +47,10 @@ LocalPath = Annotated[str, AfterValidator(_resolve_path)]
 
 
 class Section(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True, validate_default=True)
+    model_config = ConfigDict(
+        extra="forbid", frozen=True, validate_default=True, validate_by_name=True, validate_by_alias=True,
+        serialize_by_alias=True,
+    )
 
 
 # --------------------------------------------------------------------------- model
@@ -106,24 +110,86 @@ class MethodConfig(Section):
         "full", description="Full fine-tuning, LoRA adapters, or LoRA on a 4-bit (nf4) base."
     )
     lora: LoraConfig = Field(default_factory=LoraConfig, description="LoRA settings (lora and qlora).")
+    objective: Literal["sft", "dpo"] = Field(
+        "sft", description="`sft`: next-token loss on target tokens (or the classifier loss); "
+        "`dpo`: Direct Preference Optimization on `preference` data against a frozen reference "
+        "(LoRA: the base with adapters disabled; full: a frozen copy of the starting weights)."
+    )
+    beta: float = Field(0.1, gt=0, description="DPO temperature: how far the policy may move from the reference.")
 
 
 # --------------------------------------------------------------------------- data
-DataFormat = Literal["alpaca", "chat", "completion", "text"]
+DataFormat = Literal["alpaca", "chat", "completion", "text", "classification", "preference"]
+# The field names each format reads; `data.sources[].fields` renames them per source.
+FORMAT_FIELDS: dict[str, tuple[str, ...]] = {
+    "alpaca": ("instruction", "input", "output"),
+    "chat": ("messages", "role", "content"),
+    "completion": ("prompt", "completion"),
+    "text": ("text",),
+    "classification": ("text", "label"),
+    "preference": ("prompt", "chosen", "rejected", "role", "content"),
+}
+CHAT_ROLES = ("system", "user", "assistant")
+_HUB_ONLY = ("name", "split", "revision")
 
 
 class DataSource(Section):
-    path: LocalPath = Field(description="A local JSONL or JSON file.")
-    format: DataFormat = Field("alpaca", description="How rows are laid out.")
-    weight: float = Field(1.0, gt=0, description="Relative sampling weight when mixing sources.")
+    path: LocalPath | None = Field(
+        None, description="A local .jsonl, .json (a list of objects), .parquet or .csv file, or a folder: "
+        "every such file in it, in name order."
+    )
+    dataset: str | None = Field(
+        None, description="A Hugging Face dataset id (or local dataset folder) read with `datasets.load_dataset`, "
+        "instead of `path`."
+    )
+    name: str | None = Field(None, description="Dataset configuration name (with `dataset`).")
+    split: str = Field("train", description="Dataset split to read (with `dataset`).")
+    revision: str | None = Field(None, description="Dataset revision to pin (with `dataset`).")
+    format: DataFormat = Field(
+        "alpaca", description="Row layout: alpaca (instruction/input/output), chat (messages), completion "
+        "(prompt/completion), text, classification (text/label), preference (prompt/chosen/rejected)."
+    )
+    fields: dict[str, str] = Field(
+        default_factory=dict, description="Rename the fields this format reads, e.g. "
+        "`{messages: conversations, role: from, content: value}`."
+    )
+    roles: dict[str, str] = Field(
+        default_factory=dict, description="Map this source's role names to system/user/assistant, "
+        "e.g. `{human: user, gpt: assistant}`."
+    )
+    weight: float = Field(
+        1.0, gt=0, description="Rows drawn from this source per epoch, as a multiple of its size: 2 repeats "
+        "every row twice, 0.5 takes a seeded half (fixed when the data is prepared)."
+    )
+
+    @model_validator(mode="after")
+    def _check(self) -> DataSource:
+        if (self.path is None) == (self.dataset is None):
+            raise ValueError("set exactly one of path (local files) and dataset (a Hugging Face dataset id)")
+        if self.path is not None and (stray := sorted(set(_HUB_ONLY) & self.model_fields_set)):
+            raise ValueError(f"{', '.join(stray)}: only used by `dataset` sources; remove")
+        unknown = sorted(set(self.fields) - set(FORMAT_FIELDS[self.format]))
+        if unknown:
+            raise ValueError(f"fields: {', '.join(unknown)} not read by format {self.format}; "
+                             f"it reads {', '.join(FORMAT_FIELDS[self.format])}")
+        if bad := sorted(role for role in self.roles.values() if role not in CHAT_ROLES):
+            raise ValueError(f"roles: {', '.join(bad)} is not one of {', '.join(CHAT_ROLES)}")
+        return self
+
+    @property
+    def label(self) -> str:
+        """How errors and reports name this source."""
+        return self.path or f"{self.dataset}[{self.split}]"
 
 
 class EvalSplit(Section):
-    path: LocalPath | None = Field(None, description="A held-out file in the same format as the first source.")
-    fraction: float | None = Field(
-        None, gt=0, lt=1, description="Hold out this fraction of the training rows instead of a file."
+    path: LocalPath | None = Field(
+        None, description="A held-out file or folder, read like the first source (format, fields, roles)."
     )
-    max_rows: int | None = Field(None, ge=1, description="Evaluate on at most this many rows.")
+    fraction: float | None = Field(
+        None, gt=0, lt=1, description="Hold out this fraction of every source's rows (seeded) instead of a file."
+    )
+    max_rows: int | None = Field(None, ge=1, description="Evaluate on at most this many rows (pairs for DPO).")
 
     @model_validator(mode="after")
     def _one_of(self) -> EvalSplit:
@@ -133,14 +199,71 @@ class EvalSplit(Section):
 
 
 class DataConfig(Section):
-    sources: list[DataSource] = Field(min_length=1, description="Training data sources.")
+    sources: list[DataSource] = Field(min_length=1, description="Training data sources, mixed by `weight`.")
     eval: EvalSplit | None = Field(None, description="Evaluation split; none disables eval.")
-    max_seq_len: int = Field(512, ge=8, description="Tokens per row; longer rows are truncated.")
-    train_on_prompt: bool = Field(False, description="Also compute loss on prompt tokens.")
+    max_seq_len: int = Field(512, ge=8, description="Tokens per row (per packed row with `packing`).")
+    overlong: Literal["truncate", "drop"] = Field(
+        "truncate", description="Rows longer than `max_seq_len`: cut them, or leave them out (both are counted)."
+    )
+    train_on_prompt: bool = Field(False, description="Also compute loss on prompt tokens (and on non-assistant turns).")
+    packing: bool = Field(
+        False, description="Pack whole rows into `max_seq_len` rows (best fit), position ids restarting per row "
+        "and no attention across rows; `train.micro_batch_size` then counts packed rows."
+    )
+    chat_template: Literal["chatml", "llama3"] | None = Field(
+        None, description="A built-in chat template for chat rows, used instead of the tokenizer's own; "
+        "needed when the tokenizer has none."
+    )
+    labels: list[str] | None = Field(
+        None, min_length=2, description="Class names in label-id order, for `classification` rows whose label "
+        "is a name (ints are used as ids)."
+    )
+    on_bad_row: Literal["error", "skip"] = Field(
+        "error", description="A malformed row: stop with its file, line and field, or skip it (skips are counted)."
+    )
+    num_proc: int = Field(1, ge=1, description="Processes that tokenize in parallel in the one preprocessing task.")
     cache_dir: LocalPath | None = Field(
         None, description="Where tokenized data is cached (shared storage for multi-node); "
         "default `$TUNEFLEET_CACHE/datasets` or `~/.cache/tunefleet/datasets`."
     )
+
+    @model_validator(mode="after")
+    def _check(self) -> DataConfig:
+        kinds = {_format_kind(s.format) for s in self.sources}
+        if len(kinds) > 1:
+            raise ValueError("data.sources mix formats that train differently "
+                             f"({', '.join(sorted(kinds))}); use one kind per recipe")
+        kind = kinds.pop()
+        if self.packing and kind != "sft":
+            raise ValueError(f"data.packing works with sft formats only, not {kind}; set it to false")
+        if self.labels is not None and kind != "classification":
+            raise ValueError("data.labels names classes of `classification` sources; remove it")
+        return self
+
+    @property
+    def kind(self) -> Literal["sft", "classification", "preference"]:
+        """How the rows train: token targets, one class per row, or chosen/rejected pairs."""
+        return _format_kind(self.sources[0].format)
+
+    def objective_problems(self, *, task: str, objective: str, num_labels: int | None) -> list[str]:
+        """Disagreements with `model.task` / `method.objective`, each starting with the key to change."""
+        if task == "sequence_classification" and objective == "dpo":
+            return ["method.objective: dpo trains causal language models; use sft"]
+        needed = "classification" if task == "sequence_classification" else "preference" if objective == "dpo" else "sft"
+        problems = []
+        if self.kind != needed:
+            problems.append(f"data.sources: model.task {task} with method.objective {objective} needs "
+                            f"{_KIND_FORMATS[needed]} rows, these are {_KIND_FORMATS[self.kind]}")
+        if self.labels is not None and num_labels is not None and len(self.labels) != num_labels:
+            problems.append(f"data.labels: {len(self.labels)} names but model.num_labels is {num_labels}")
+        return problems
+
+
+_KIND_FORMATS = {"sft": "alpaca/chat/completion/text", "classification": "classification", "preference": "preference"}
+
+
+def _format_kind(fmt: str) -> Literal["sft", "classification", "preference"]:
+    return fmt if fmt in ("classification", "preference") else "sft"
 
 
 # --------------------------------------------------------------------------- train
@@ -217,6 +340,10 @@ class CheckpointConfig(Section):
     export_final: bool = Field(
         True, description="Save the trained model in Hugging Face format to `<output_dir>/final`."
     )
+    async_save: bool = Field(
+        False, alias="async", description="Write checkpoints in the background (DCP strategies: ddp, fsdp); "
+        "the step loop stalls only to stage a copy.",
+    )
 
 
 class FaultToleranceConfig(Section):
@@ -245,10 +372,165 @@ class LoggingConfig(Section):
 
 
 # --------------------------------------------------------------------------- cluster
+_K8S_NAME = r"^[a-z0-9]([-a-z0-9.]*[a-z0-9])?$"  # DNS subdomain: Secrets, PVCs, service accounts
+_K8S_LABEL = r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$"  # DNS label: namespaces
+_QUANTITY = r"^[0-9]+(\.[0-9]+)?(Ki|Mi|Gi|Ti|Pi|Ei|k|M|G|T|P|E)?$"
+
+
+class Toleration(Section):
+    key: str | None = Field(None, description="Taint key; none with `operator: Exists` tolerates every taint.")
+    operator: Literal["Exists", "Equal"] = Field("Equal", description="`Equal` matches `value`; `Exists` any value.")
+    value: str | None = Field(None, description="Taint value to match with `operator: Equal`.")
+    effect: Literal["NoSchedule", "PreferNoSchedule", "NoExecute"] | None = Field(
+        None, description="Taint effect to tolerate; none tolerates every effect."
+    )
+    toleration_seconds: int | None = Field(
+        None, ge=0, description="With `effect: NoExecute`: seconds a pod stays on a node after the taint appears."
+    )
+
+
+class KubernetesConfig(Section):
+    """`tunefleet submit --to kubernetes`: a KubeRay `RayJob` (ray.io/v1 API of KubeRay v1.5.1 or newer)."""
+
+    namespace: str = Field(
+        "default", max_length=63, pattern=_K8S_LABEL, description="Namespace of the RayJob, its pods, "
+        "ConfigMap and claim; `--namespace` overrides."
+    )
+    image: str | None = Field(
+        None, description="Container image of the head and worker pods: tunefleet installed, with the Ray "
+        "version of the submitting machine and the model and data files the recipe names; `--image` overrides."
+    )
+    service_account: str | None = Field(
+        None, max_length=253, pattern=_K8S_NAME, description="ServiceAccount the pods run as; default the namespace's."
+    )
+    pvc_name: str | None = Field(
+        None, max_length=253, pattern=_K8S_NAME, description="PersistentVolumeClaim shared by every pod, mounted at "
+        "`output_dir` (checkpoints, metrics, prepared data); created if missing, reused if present so a resubmit "
+        "resumes; default `<run name>-shared`."
+    )
+    pvc_size: str = Field("100Gi", pattern=_QUANTITY, description="Storage requested when the claim is created.")
+    storage_class: str | None = Field(
+        None, max_length=253, pattern=_K8S_NAME, description="StorageClass of a new claim; it must offer "
+        "ReadWriteMany (NFS, CephFS, a cloud file store); default the cluster's default class."
+    )
+    memory_per_worker: str = Field(
+        "16Gi", pattern=_QUANTITY, description="Memory per training worker; a worker pod requests and is limited "
+        "to `parallelism.workers_per_node` times this. CPUs per worker come from `parallelism.cpus_per_worker` "
+        "and, with `parallelism.use_gpu`, one `nvidia.com/gpu` per worker."
+    )
+    head_cpus: float = Field(
+        2, gt=0, description="CPU cores of the head pod, which runs the driver, data preparation and the "
+        "control actors and never a training worker."
+    )
+    head_memory: str = Field("8Gi", pattern=_QUANTITY, description="Memory of the head pod (request and limit).")
+    shm_size: str | None = Field(
+        None, pattern=_QUANTITY, description="Size limit of each pod's memory-backed `/dev/shm` (it counts "
+        "against the pod's memory); default no limit of its own."
+    )
+    node_selector: dict[str, str] = Field(
+        default_factory=dict, description="Node labels the head and worker pods must run on, e.g. "
+        "`{nvidia.com/gpu.product: NVIDIA-A100-SXM4-80GB}`."
+    )
+    tolerations: list[Toleration] = Field(
+        default_factory=list, description="Taints the head and worker pods tolerate (e.g. of GPU node pools)."
+    )
+    wandb_secret: str | None = Field(
+        None, max_length=253, pattern=_K8S_NAME, description="Secret holding the W&B API key; pods get it as "
+        "`WANDB_API_KEY` by reference, so the key never appears in a manifest. None: W&B runs offline."
+    )
+    wandb_secret_key: str = Field(
+        "WANDB_API_KEY", pattern=r"^[-._a-zA-Z0-9]+$", description="Key of the API key inside `wandb_secret`."
+    )
+    keep_finished_s: int = Field(
+        300, ge=0, description="Seconds the Ray cluster stays up after the job ends, before KubeRay deletes it."
+    )
+
+
+def _one_line(value: str) -> str:
+    if not value or re.search(r"[\x00-\x1f\x7f]", value):
+        raise ValueError("must be one non-empty line without control characters (it becomes an #SBATCH line)")
+    return value
+
+
+def _env_name(value: str) -> str:
+    if not re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]*", value):
+        raise ValueError("not an environment variable name (letters, digits, _); list names here, never values")
+    return value
+
+
+SbatchText = Annotated[str, AfterValidator(_one_line)]
+EnvName = Annotated[str, AfterValidator(_env_name)]
+
+
+def _quoted_time(value: Any) -> Any:
+    if isinstance(value, int | float) and not isinstance(value, bool):
+        raise ValueError(
+            f"got the number {value}: quote the time limit, e.g. time: \"1:00:00\" "
+            "(YAML reads an unquoted 1:00:00 as a count of seconds)"
+        )
+    return value
+
+
+class SlurmConfig(Section):
+    """`tunefleet submit --to slurm`: one sbatch job that starts Ray on its nodes and runs the recipe."""
+
+    partition: SbatchText | None = Field(None, description="Partition (`--partition`); `--partition` overrides.")
+    time: Annotated[SbatchText, BeforeValidator(_quoted_time)] | None = Field(
+        None, description="Time limit (`--time`), e.g. \"2:00:00\" or \"1-12:00:00\" (quote it in YAML); "
+        "`--time` overrides."
+    )
+    account: SbatchText | None = Field(None, description="Account to charge (`--account`); `--account` overrides.")
+    cpus_per_node: int | None = Field(
+        None, ge=1, description="CPUs per node (`--cpus-per-task`, one task per node); "
+        "default parallelism.workers_per_node x parallelism.cpus_per_worker."
+    )
+    gpus_per_node: int | None = Field(
+        None, ge=0, description="GPUs per node (`--gpus-per-node`); default parallelism.workers_per_node "
+        "with parallelism.use_gpu, else none."
+    )
+    requeue: bool = Field(
+        True, description="`--requeue`, and requeue the job after a checkpoint-and-stop (exit 75) so that it "
+        "resumes by itself; false leaves resubmitting to you."
+    )
+    signal_grace_s: int | None = Field(
+        None, ge=1, description="Seconds before the time limit at which Slurm sends USR1 "
+        "(`--signal=B:USR1@N`): the run checkpoints, stops and is requeued; "
+        "default fault_tolerance.preemption_grace_s + 30."
+    )
+    join_timeout_s: int = Field(300, ge=10, description="Seconds the job waits for every node's Ray to join.")
+    export_env: list[EnvName] = Field(
+        default_factory=lambda: ["WANDB_API_KEY", "HF_TOKEN"],
+        description="Names (never values) of environment variables passed from the submitting shell to the "
+        "job with `--export`, e.g. secrets such as WANDB_API_KEY; the script never holds their values."
+    )
+    export_all: bool = Field(
+        True, description="Also pass the rest of the submitting environment (sbatch's default); "
+        "false passes only `export_env` and Slurm's own variables."
+    )
+    bin_dir: LocalPath | None = Field(
+        None, description="Folder holding the `tunefleet`, `ray` and `python` executables on the compute "
+        "nodes; default this installation's (on a filesystem the nodes share)."
+    )
+    setup: list[str] = Field(
+        default_factory=list, description="Shell lines the job runs before Ray starts, e.g. `module load cuda`; "
+        "`srun` steps inherit the environment they set. Written into the script as code, not quoted."
+    )
+    extra_sbatch: list[SbatchText] = Field(
+        default_factory=list, description="More sbatch options, one per item, e.g. `--qos=high` or "
+        "`--constraint=a100`; each becomes an `#SBATCH` line."
+    )
+
+
 class ClusterConfig(Section):
     address: str | None = Field(
         None, description="Ray cluster address to join (`auto`, `ray://host:port`, `host:port`); "
         "default `RAY_ADDRESS` or an embedded local Ray."
+    )
+    kubernetes: KubernetesConfig | None = Field(
+        None, description="Pods, storage and secrets for `tunefleet submit --to kubernetes`; unused elsewhere."
+    )
+    slurm: SlurmConfig | None = Field(
+        None, description="Resources, queue and job script for `tunefleet submit --to slurm`; unused elsewhere."
     )
 
 

@@ -83,7 +83,9 @@ def run(job: Job, reporter: Reporter, control=None, node: str | None = None) -> 
     )
 
     # Resume from the newest complete checkpoint, if any.
-    checkpoints = CheckpointManager(recipe.checkpoint_dir, recipe.checkpoint.keep_last)
+    checkpoints = CheckpointManager(
+        recipe.checkpoint_dir, recipe.checkpoint.keep_last, async_save=recipe.checkpoint.async_save
+    )
     start_step, tokens_seen, wandb_run_id = 0, 0, job.wandb_run_id
     if (resume_from := latest(recipe.checkpoint_dir)) is not None:
         meta = checkpoints.load(resume_from, strategy)
@@ -92,11 +94,13 @@ def run(job: Job, reporter: Reporter, control=None, node: str | None = None) -> 
     reporter.start(start_step=start_step, wandb_run_id=wandb_run_id, resumed_from=resume_from)
 
     def save_checkpoint(step: int) -> None:
+        started = time.perf_counter()
         checkpoints.save(step, strategy, {
             "tokens_seen": tokens_seen, "world_size": world_size, "wandb_run_id": wandb_run_id,
             "recipe_fingerprint": recipe.fingerprint(), "strategy": plan.name,
             "global_batch_rows": plan.global_batch_rows,
         }, before_commit=lambda: inject_fault(job, rank, step, "checkpoint"))
+        reporter.log({"step": step, "checkpoint_stall_s": time.perf_counter() - started})
 
     if eval_set is not None and start_step == 0:
         reporter.log({"step": 0, "eval_loss": evaluate(strategy, eval_set, device)})
@@ -131,6 +135,7 @@ def run(job: Job, reporter: Reporter, control=None, node: str | None = None) -> 
         if done != recipe.train.max_steps and stop.agreed():
             if not saved:
                 save_checkpoint(done)
+            checkpoints.wait()
             strategy.teardown()
             return {"preempted_at": done, "reason": stop.reason, "preflight": preflight}
 
@@ -140,6 +145,7 @@ def run(job: Job, reporter: Reporter, control=None, node: str | None = None) -> 
         reporter.log({"step": final_step, "eval_loss": evaluate(strategy, eval_set, device)})
     if every_ckpt and start_step < final_step:
         save_checkpoint(final_step)
+    checkpoints.wait()
     final_dir = Path(recipe.output_dir) / "final"
     if recipe.checkpoint.export_final:
         state = strategy.full_state_dict()

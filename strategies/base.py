@@ -128,6 +128,14 @@ class Strategy(ABC):
         self.model = self.optimizer = self.scheduler = None
 
 
+class AsyncSave:
+    """Mixin: the strategy can write a checkpoint in the background."""
+
+    def save_async(self, path: str, group):
+        """Collective on ``group``: stage state and return a future that completes when written."""
+        raise NotImplementedError
+
+
 _REGISTRY: dict[str, type[Strategy]] = {}
 
 

@@ -34,6 +34,13 @@ def save_dcp(path: str, model, optimizer, scheduler) -> None:
     dcp.save(_app_state(model, optimizer, scheduler), checkpoint_id=path)
 
 
+def save_dcp_async(path: str, model, optimizer, scheduler, group):
+    """Start a background save on ``group`` (its own gloo group: sharing the training
+    group makes gloo mismatch collectives). Returns a future; training may continue
+    once this returns, because DCP has staged a copy of the state."""
+    return dcp.async_save(_app_state(model, optimizer, scheduler), checkpoint_id=path, process_group=group)
+
+
 def load_dcp(path: str, model, optimizer, scheduler) -> None:
     """Collective: load in place (DCP reshards to the current world size)."""
     state = _app_state(model, optimizer, scheduler)

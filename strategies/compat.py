@@ -1,5 +1,50 @@
-"""Which (strategy, method, hardware) combinations can work. (helper-2 owns this file.)"""
+"""Which (strategy, method, hardware) combinations are known not to work.
+
+Each rule below rejects a combination only because it was seen to fail (or to
+do silently nothing) on this project's CPU test machine, or because a library
+documents it as unsupported; the comment on each rule says which. Everything
+else is allowed: on CPU (gloo, bitsandbytes' CPU backend) every strategy was
+checked to train LoRA and QLoRA with and without ``cpu_offload``, in fp32 and
+bf16, and QLoRA gave the same losses under ddp, fsdp, deepspeed_zero2 and
+deepspeed_zero3 (torch 2.13, deepspeed 0.19.8, bitsandbytes 0.50.2, peft 0.21.2).
+"""
+
+from __future__ import annotations
 
 
-def check_compatibility(strategy: str, method: str, *, use_gpu: bool, cpu_offload: bool, mixed_precision: str) -> list[str]:
-    return []
+def check_compatibility(
+    strategy_name: str,
+    method_kind: str,
+    *,
+    use_gpu: bool,
+    cpu_offload: bool,
+    mixed_precision: str,
+) -> list[str]:
+    """User-facing problems with this combination; each names the key to change and an alternative."""
+    problems = []
+    if cpu_offload and strategy_name == "ddp":
+        # Not a library failure: DDP keeps everything on the device, so the setting
+        # would silently do nothing (STYLE practice 9).
+        problems.append(
+            "parallelism.cpu_offload has no effect with strategy ddp; use strategy fsdp, "
+            "deepspeed_zero2 or deepspeed_zero3 to offload, or set parallelism.cpu_offload: false"
+        )
+    if mixed_precision == "fp16" and strategy_name == "fsdp":
+        # torch's AMP documentation requires gradient scaling for fp16 (small gradients
+        # underflow); the fsdp strategy does not scale the loss. DeepSpeed does.
+        problems.append(
+            "parallelism.mixed_precision fp16 is not supported with strategy fsdp (no loss scaling); "
+            "use mixed_precision bf16, or strategy deepspeed_zero3 for fp16"
+        )
+    if method_kind == "qlora" and strategy_name == "fsdp" and use_gpu:
+        # bitsandbytes documents that FSDP shards only floating-point storage and that
+        # FSDP-QLoRA needs bnb_4bit_quant_storage set to a float dtype; tunefleet loads
+        # 4-bit weights with the default uint8 storage. accelerate#3983 reports FSDP2 +
+        # uint8 Params4bit on GPU crashing or training silently wrong. (On CPU, torch
+        # 2.13's FSDP2 sharded the uint8 weights and trained exactly like DDP, so CPU
+        # runs are allowed.)
+        problems.append(
+            "method.kind qlora cannot shard its 4-bit base with strategy fsdp on GPUs; use strategy "
+            "ddp or deepspeed_zero2, or method.kind lora"
+        )
+    return problems

@@ -10,11 +10,11 @@ import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel
 
 from tunefleet.strategies import checkpointing
-from tunefleet.strategies.base import OptimizerFactory, SchedulerFactory, Strategy, register
+from tunefleet.strategies.base import AsyncSave, OptimizerFactory, SchedulerFactory, Strategy, register
 
 
 @register
-class DDPStrategy(Strategy):
+class DDPStrategy(AsyncSave, Strategy):
     name = "ddp"
 
     def setup(
@@ -55,6 +55,9 @@ class DDPStrategy(Strategy):
 
     def save(self, path: str) -> None:
         checkpointing.save_dcp(path, self.model, self.optimizer, self.scheduler)
+
+    def save_async(self, path: str, group):
+        return checkpointing.save_dcp_async(path, self.model, self.optimizer, self.scheduler, group)
 
     def load(self, path: str) -> None:
         checkpointing.load_dcp(path, self.model, self.optimizer, self.scheduler)

@@ -30,9 +30,9 @@ from tunefleet.strategies.base import (
 _CHECKPOINT_TAG = "deepspeed"
 _ZERO_STAGES = {"deepspeed_zero2": 2, "deepspeed_zero3": 3}
 
-# Config keys whose value follows from the recipe (or from how tunefleet drives the
-# engine), mapped to what the user changes instead of overriding them.
-_DECIDED_BY = {
+# Config keys whose value follows from the recipe, mapped to the recipe key to change
+# instead; None marks a value tunefleet's training loop relies on.
+_DECIDED_BY: dict[str, str | None] = {
     "train_micro_batch_size_per_gpu": "train.micro_batch_size",
     "gradient_accumulation_steps": "train.grad_accum_steps",
     "train_batch_size": "train.micro_batch_size, train.grad_accum_steps and the number of workers",
@@ -42,7 +42,7 @@ _DECIDED_BY = {
     "zero_optimization.stage": "parallelism.strategy",
     "zero_optimization.offload_optimizer.device": "parallelism.cpu_offload",
     "zero_optimization.offload_param.device": "parallelism.cpu_offload",
-    "managed_gradient_accumulation": "nothing (tunefleet's training loop relies on it)",
+    "managed_gradient_accumulation": None,
 }
 
 
@@ -76,14 +76,18 @@ def merge_overrides(config: dict, overrides: dict) -> dict:
     merged = copy.deepcopy(config)
     for path, value in _leaves(overrides):
         for key, ours in decided.items():
-            same_key = key == path
-            if (same_key and value != ours) or key.startswith(path + ".") or path.startswith(key + "."):
-                raise ValueError(
-                    f"DeepSpeed override `{path}`={value!r} conflicts with `{key}`={ours!r}, which "
-                    f"follows from {_DECIDED_BY[key]}; change that instead and drop the override"
-                )
+            if (key == path and value != ours) or key.startswith(path + ".") or path.startswith(key + "."):
+                raise ValueError(_conflict_message(path, value, key, ours))
         _set(merged, path.split("."), copy.deepcopy(value))
     return merged
+
+
+def _conflict_message(path: str, value: Any, key: str, ours: Any) -> str:
+    clash = f"DeepSpeed override `{path}`={value!r} conflicts with `{key}`={ours!r}"
+    source = _DECIDED_BY[key]
+    if source is None:
+        return f"{clash}, which tunefleet's training loop relies on; remove the override"
+    return f"{clash}, which is set from {source}; change {source} instead of overriding it"
 
 
 def _leaves(tree: dict, prefix: str = "") -> Iterator[tuple[str, Any]]:

@@ -74,6 +74,10 @@ class TrainingSetup(_Frozen):
     """The numerics and batch shape a run trains with."""
 
     method: Method = Field(description="Full fine-tuning, LoRA, or LoRA on a 4-bit base.")
+    objective: Literal["sft", "dpo"] = Field(
+        description="DPO forwards chosen and rejected rows together and, for full fine-tuning, keeps a "
+        "frozen reference copy of the starting weights on every rank."
+    )
     world_size: int = Field(ge=1, description="Data-parallel ranks N that shard state.")
     weight_bytes: Literal[2, 4] = Field(description="Bytes per weight as loaded (model.dtype).")
     mixed_precision: MixedPrecision = Field(description="16-bit compute on top of the stored weights.")
@@ -93,7 +97,7 @@ class MemoryEstimate(_Frozen):
 
     strategy: str = Field(description="Registry name of the strategy.")
     cpu_offload: bool = Field(description="State moved to host memory (fsdp, ZeRO).")
-    params_bytes: int = Field(description="Parameters resident on the device.")
+    params_bytes: int = Field(description="Parameters resident on the device (with a DPO reference copy).")
     grads_bytes: int = Field(description="Gradients resident on the device.")
     optimizer_bytes: int = Field(description="Optimizer state (moments and master weights) on the device.")
     activations_bytes: int = Field(description="Activations kept for backward, at the peak.")
@@ -190,7 +194,8 @@ def deepspeed_state(
 
 def activation_bytes(shape: ModelShape, setup: TrainingSetup) -> float:
     """Activations kept for backward at the peak (see the module docstring)."""
-    s, b, h, c = setup.seq_len, setup.micro_batch_size, shape.hidden_size, setup.compute_bytes
+    s, h, c = setup.seq_len, shape.hidden_size, setup.compute_bytes
+    b = setup.micro_batch_size * (2 if setup.objective == "dpo" else 1)  # DPO: chosen and rejected rows
     per_token_factor = 34 + (5 * shape.num_heads * s / h if setup.eager_attention else 0)
     per_layer = s * b * h * per_token_factor * c / 2
     logits = s * b * shape.vocab_size * (c + 8) if setup.causal_lm else 0
@@ -239,10 +244,11 @@ def estimate(strategy: str, shape: ModelShape, setup: TrainingSetup, *, cpu_offl
         state, offloaded = deepspeed_state(shape, setup, stage=ZERO_STAGES[strategy], cpu_offload=cpu_offload)
     else:
         raise ValueError(f"no memory model for strategy {strategy!r}")
+    reference = shape.num_params * setup.weight_bytes if setup.objective == "dpo" and setup.method == "full" else 0
     return MemoryEstimate(
         strategy=strategy,
         cpu_offload=cpu_offload,
-        params_bytes=round(state.params),
+        params_bytes=round(state.params + reference),
         grads_bytes=round(state.grads),
         optimizer_bytes=round(state.optimizer),
         activations_bytes=round(activation_bytes(shape, setup)),

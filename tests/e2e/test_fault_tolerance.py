@@ -80,3 +80,20 @@ def test_sigterm_checkpoints_exits_75_and_the_next_launch_resumes(baseline_full,
     launch(FULL, out, address=ray_cluster.address)
     assert_bitwise_equal(final_weights(out), final_weights(baseline_full[0]))
     assert_clean_metrics(out)
+
+
+def test_async_checkpoints_resume_bitwise_after_sigkill(baseline_full, ray_cluster, tmp_path):
+    out = tmp_path / "async"
+    launch(FULL, out, "--set=checkpoint.async=true", "--set=fault_tolerance.max_restarts=2",
+           address=ray_cluster.address, env={"TUNEFLEET_FAULT": "rank=0,step=19,kind=sigkill"})
+    assert (out / ".fault-rank0-step19-step").exists()
+    assert_bitwise_equal(final_weights(out), final_weights(baseline_full[0]))
+    assert_clean_metrics(out)
+    stalls = [r for r in _rows(out) if "checkpoint_stall_s" in r]
+    assert {r["step"] for r in stalls} >= {16, 24}
+
+
+def _rows(out):
+    import json
+
+    return [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]

@@ -1,142 +1,123 @@
-"""Rows -> tokens with loss masks, the tokenize-once cache, and the sampler."""
+"""Splits, the sampler and batches: what every worker does with the cache."""
 
 from __future__ import annotations
 
-import json
-
 import numpy as np
 import pytest
-from transformers import AutoTokenizer
+import torch
 
-from tests.conftest import REPO
 from tunefleet.launcher import data
-from tunefleet.launcher.errors import DataError
-from tunefleet.launcher.recipe import DataConfig, DataSource
-from tunefleet.launcher.tiny import ensure_tiny_model
-
-TINY_DATA = REPO / "recipes" / "tiny" / "data"
-
-
-@pytest.fixture(scope="module")
-def tokenizer_dir():
-    return str(ensure_tiny_model("llama"))
+from tunefleet.launcher.data import IGNORE_INDEX, TokenizedSplit
+from tunefleet.launcher.errors import UserError
+from tunefleet.launcher.plan import rebalance
+from tunefleet.strategies.base import StrategyPlan
 
 
-@pytest.fixture(scope="module")
-def tokenizer(tokenizer_dir):
-    return AutoTokenizer.from_pretrained(tokenizer_dir)
+def make_split(lengths, *, rows_per_example=1, classes=None) -> TokenizedSplit:
+    """Row i holds tokens 100*i + (0, 1, ...), every token a target."""
+    ids = np.concatenate([100 * i + np.arange(n) for i, n in enumerate(lengths)]).astype(np.int32)
+    offsets = np.concatenate([[0], np.cumsum(lengths)]).astype(np.int64)
+    class_labels = None if classes is None else np.asarray(classes, np.int64)
+    return TokenizedSplit(ids, None if classes is not None else ids.copy(), offsets,
+                          class_labels=class_labels, rows_per_example=rows_per_example)
 
 
-def targets_text(tokenizer, split, index: int) -> str:
-    ids, labels = split.row(index)
-    return tokenizer.decode([int(t) for t, lab in zip(ids, labels) if lab != data.IGNORE_INDEX])
+def rows_of(batch) -> list[int]:
+    return [int(row[0]) // 100 for row in batch["input_ids"]]
 
 
-def write_jsonl(path, rows):
-    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
-    return path
+# --------------------------------------------------------------------------- sampler
+def global_sequence(world_size: int, micro: int, accum: int, steps=range(0, 14)) -> list[list[int]]:
+    """Per step, the global batch's examples as the ranks together see them (rank-major order restored)."""
+    split = make_split([3] * 100)
+    out = []
+    for step in steps:
+        per_rank = [sum((rows_of(mb) for mb in data.rank_micro_batches(
+            split, step, rank=rank, world_size=world_size, micro_batch_size=micro, grad_accum_steps=accum,
+            seed=3, pad_id=0)), []) for rank in range(world_size)]
+        out.append([per_rank[i % world_size][i // world_size] for i in range(world_size * micro * accum)])
+    return out
 
 
-def config(*sources: DataSource, **kwargs) -> DataConfig:
-    return DataConfig(sources=list(sources), **{"max_seq_len": 128, **kwargs})
+def test_the_sequence_of_global_batches_is_the_same_on_1_2_and_3_workers():
+    """Global batch 6 (micro x accum x workers); step 13 crosses an epoch boundary (6 x 17 > 100)."""
+    reference = global_sequence(1, 3, 2, steps=range(0, 20))
+    assert global_sequence(2, 3, 1, steps=range(0, 20)) == reference
+    assert global_sequence(3, 1, 2, steps=range(0, 20)) == reference
+    assert global_sequence(3, 2, 1, steps=range(0, 20)) == reference
 
 
-def test_alpaca_loss_only_on_the_response(tokenizer, tmp_path):
-    path = write_jsonl(tmp_path / "a.jsonl", [{"instruction": "Reverse the word: table", "input": "", "output": "elbat"}])
-    split = data.load_split([DataSource(path=str(path))], tokenizer, config(DataSource(path=str(path))))
-    assert targets_text(tokenizer, split, 0) == "elbat" + tokenizer.eos_token
-    full = tokenizer.decode([int(t) for t in split.row(0)[0]])
-    assert "### Instruction:\nReverse the word: table" in full
+def test_a_global_batch_that_does_not_split_over_the_workers_is_refused_naming_the_keys():
+    plan = StrategyPlan(name="ddp", world_size=2, num_nodes=1, workers_per_node=2, micro_batch_size=2,
+                        grad_accum_steps=2)  # global batch 8 rows
+    assert rebalance(plan, world_size=1).grad_accum_steps == 4
+    with pytest.raises(UserError, match="parallelism.workers_per_node or train.micro_batch_size"):
+        rebalance(plan, world_size=3)
 
 
-def test_train_on_prompt_marks_every_token(tokenizer, tmp_path):
-    path = write_jsonl(tmp_path / "a.jsonl", [{"instruction": "Add 1 and 2.", "output": "3"}])
-    cfg = config(DataSource(path=str(path)), train_on_prompt=True)
-    ids, labels = data.load_split(cfg.sources, tokenizer, cfg).row(0)
-    assert (labels[1:] == ids[1:]).all()
-
-
-def test_chat_loss_only_on_assistant_turns(tokenizer, tmp_path):
-    row = {"messages": [
-        {"role": "system", "content": "Be brief."}, {"role": "user", "content": "Uppercase: ab"},
-        {"role": "assistant", "content": "AB"}, {"role": "user", "content": "Sort the letters: cba"},
-        {"role": "assistant", "content": "abc"},
-    ]}
-    path = write_jsonl(tmp_path / "c.jsonl", [row])
-    source = DataSource(path=str(path), format="chat")
-    split = data.load_split([source], tokenizer, config(source))
-    assert targets_text(tokenizer, split, 0) == "AB<|im_end|>\nabc<|im_end|>\n"
-    full = tokenizer.decode([int(t) for t in split.row(0)[0]])
-    assert full.endswith(tokenizer.apply_chat_template(row["messages"], tokenize=False))
-
-
-@pytest.mark.parametrize("row,line_field", [
-    ({"instruction": "x"}, "field `output` missing"),
-    ({"instruction": 3, "output": "y"}, "field `instruction` must be a string"),
-    ({"instruction": "  ", "output": "y"}, "field `instruction` is empty"),
-])
-def test_bad_alpaca_rows_name_file_line_and_field(tokenizer, tmp_path, row, line_field):
-    path = write_jsonl(tmp_path / "bad.jsonl", [{"instruction": "ok", "output": "ok"}, row])
-    source = DataSource(path=str(path))
-    with pytest.raises(DataError, match=rf"bad.jsonl:2: {line_field}"):
-        data.load_split([source], tokenizer, config(source))
-
-
-def test_bad_chat_role_and_invalid_json(tokenizer, tmp_path):
-    path = write_jsonl(tmp_path / "c.jsonl", [{"messages": [{"role": "robot", "content": "hi"}]}])
-    source = DataSource(path=str(path), format="chat")
-    with pytest.raises(DataError, match=r"c.jsonl:1: messages\[0\].role is 'robot'"):
-        data.load_split([source], tokenizer, config(source))
-    broken = tmp_path / "b.jsonl"
-    broken.write_text('{"instruction": "a", "output": "b"}\n{not json}\n')
-    with pytest.raises(DataError, match=r"b.jsonl:2: invalid JSON"):
-        data.load_split([DataSource(path=str(broken))], tokenizer, config(DataSource(path=str(broken))))
-
-
-def test_truncation_is_counted(tokenizer, tmp_path):
-    path = write_jsonl(tmp_path / "a.jsonl", [{"instruction": "word " * 50, "output": "y"}])
-    cfg = config(DataSource(path=str(path)), max_seq_len=16)
-    split = data.load_split(cfg.sources, tokenizer, cfg)
-    assert split.num_truncated == 1 and len(split.row(0)[0]) == 16
-
-
-def test_cache_is_reused_and_invalidated_by_a_changed_file(tokenizer, tokenizer_dir, tmp_path):
-    path = write_jsonl(tmp_path / "a.jsonl", [{"instruction": f"Add {i} and 1.", "output": str(i + 1)} for i in range(20)])
-    cfg = config(DataSource(path=str(path)), cache_dir=str(tmp_path / "cache"))
-    first = data.prepare(cfg, tokenizer, tokenizer_dir, seed=0)
-    stamp = (first / "meta.json").stat().st_mtime_ns
-    assert data.prepare(cfg, tokenizer, tokenizer_dir, seed=0) == first
-    assert (first / "meta.json").stat().st_mtime_ns == stamp
-    write_jsonl(path, [{"instruction": "Add 5 and 5.", "output": "10"}])
-    second = data.prepare(cfg, tokenizer, tokenizer_dir, seed=0)
-    assert second != first and data.cache_meta(second)["train_rows"] == 1
-    assert isinstance(data.open_split(second, "train").input_ids, np.memmap)
-
-
-def test_global_batches_do_not_depend_on_world_size():
-    """Ranks x micro-batches partition the same global batch whatever the layout."""
-    def rows_seen(world_size, micro, accum, step):
-        seen = []
-        for rank in range(world_size):
-            indices = data.global_batch_indices(100, step, micro * accum * world_size, seed=3)
-            seen.extend(indices[rank::world_size].tolist())
-        return sorted(seen)
-
-    for step in (0, 7, 13):  # 13 crosses an epoch boundary (16 rows x 13 > 100)
-        reference = rows_seen(1, 16, 1, step)
-        assert rows_seen(2, 4, 2, step) == reference == rows_seen(4, 1, 4, step)
+def test_each_epoch_visits_every_example_once_and_the_seed_matters():
+    batches = [data.global_batch_indices(48, step, 16, seed=0) for step in range(3)]
+    assert sorted(np.concatenate(batches).tolist()) == list(range(48))
     assert not np.array_equal(data.global_batch_indices(100, 0, 16, 1), data.global_batch_indices(100, 0, 16, 2))
 
 
-def test_each_epoch_visits_every_row_once():
-    batches = [data.global_batch_indices(48, step, 16, seed=0) for step in range(3)]
-    assert sorted(np.concatenate(batches).tolist()) == list(range(48))
+def test_resuming_at_a_step_gives_the_same_batches():
+    split = make_split([2] * 30)
+    kwargs = dict(rank=1, world_size=2, micro_batch_size=2, grad_accum_steps=2, seed=5, pad_id=0)
+    first = [rows_of(mb) for step in range(9) for mb in data.rank_micro_batches(split, step, **kwargs)]
+    resumed = [rows_of(mb) for step in range(6, 9) for mb in data.rank_micro_batches(split, step, **kwargs)]
+    assert resumed == first[-6:]
 
 
-def test_eval_batches_equal_count_on_every_rank(tokenizer, tmp_path):
-    path = write_jsonl(tmp_path / "a.jsonl", [{"instruction": f"Add {i} and 1.", "output": "x"} for i in range(7)])
-    cfg = config(DataSource(path=str(path)))
-    split = data.load_split(cfg.sources, tokenizer, cfg)
+def test_eval_batches_equal_count_on_every_rank():
+    split = make_split([2] * 7)
     counts = [len(data.eval_batches(split, rank=r, world_size=3, batch_size=2, max_rows=None, pad_id=0))
               for r in range(3)]
     assert counts == [2, 2, 2]
+    last = data.eval_batches(split, rank=2, world_size=3, batch_size=2, max_rows=None, pad_id=0)[-1]
+    assert (last["labels"] == IGNORE_INDEX).all()  # an empty batch is one ignored pad row
+
+
+# --------------------------------------------------------------------------- batches
+def test_collate_right_pads_and_ignores_the_padding():
+    batch = data.collate(make_split([2, 4]), [0, 1], pad_id=7)
+    assert batch["input_ids"].tolist() == [[0, 1, 7, 7], [100, 101, 102, 103]]
+    assert batch["attention_mask"].tolist() == [[1, 1, 0, 0], [1, 1, 1, 1]]
+    assert batch["labels"][0].tolist() == [0, 1, IGNORE_INDEX, IGNORE_INDEX]
+    assert "position_ids" not in batch and set(data.model_inputs(batch)) == {"input_ids", "attention_mask"}
+
+
+def test_pairs_collate_chosen_rows_then_rejected_rows():
+    split = make_split([2, 3, 2, 2, 4, 2], rows_per_example=2)  # pairs (0, 1), (2, 3), (4, 5)
+    assert split.num_examples == 3
+    assert rows_of(data.collate(split, [2, 0], pad_id=0)) == [4, 0, 5, 1]
+    assert data.collate(split, [], pad_id=0)["input_ids"].shape == (2, 1)  # an empty pair keeps ranks in step
+    assert split.take([2]).row(1)[0].tolist() == [500, 501]
+
+
+def test_classification_batches_carry_one_label_per_row():
+    split = make_split([2, 3, 1], classes=[4, 0, 2])
+    batch = data.collate(split, [2, 0], pad_id=0)
+    assert batch["labels"].tolist() == [2, 4] and batch["input_ids"].shape == (2, 2)
+    assert data.collate(split, [], pad_id=0)["labels"].tolist() == [IGNORE_INDEX]
+
+
+def test_packed_batches_restart_positions_and_leave_the_mask_to_the_model():
+    split = TokenizedSplit(np.arange(7, dtype=np.int32), np.arange(7, dtype=np.int32), np.asarray([0, 5, 7]),
+                           position_ids=np.asarray([0, 1, 2, 0, 1, 0, 1], np.int32))
+    batch = data.collate(split, [0, 1], pad_id=0)
+    assert batch["position_ids"].tolist() == [[0, 1, 2, 0, 1], [0, 1, 0, 1, 2]]
+    assert batch["attention_mask"].sum() == 7  # still counts real tokens
+    assert set(data.model_inputs(batch)) == {"input_ids", "position_ids"}
+
+
+def test_splits_round_trip_through_memory_mapped_files(tmp_path):
+    split = make_split([2, 3, 2, 2], rows_per_example=2)
+    split.save(tmp_path / "train")
+    loaded = data.open_split(tmp_path, "train")
+    assert isinstance(loaded.input_ids, np.memmap) and loaded.rows_per_example == 2
+    assert [loaded.row(i)[0].tolist() for i in range(4)] == [split.row(i)[0].tolist() for i in range(4)]
+    assert data.open_split(tmp_path, "eval") is None
+    joined = data.concat([split, loaded.take([1])])
+    assert joined.num_examples == 3 and joined.row(5)[0].tolist() == [300, 301]
+    assert isinstance(data.collate(joined, [2], pad_id=0)["input_ids"], torch.Tensor)

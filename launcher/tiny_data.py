@@ -1,0 +1,93 @@
+"""The shipped preference (DPO) and classification sets for the tiny models.
+
+Both are derived from the tiny instruction tasks (``tiny.dataset_rows``), so
+they share its train/eval separation. A preference pair's prompt is the
+instruction in the alpaca template; the chosen response is the right answer,
+the rejected one a typical mistake (the word not reversed, the text left in
+lowercase, the letters unsorted, a sum off by a little, another capital). A
+classification row is the instruction (and input) labelled with its task.
+
+Regenerate the committed files with
+``python -m tunefleet.launcher.tiny_data recipes/tiny/data``.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import random
+import sys
+from pathlib import Path
+
+from tunefleet.launcher.formats import ALPACA_PROMPT, ALPACA_PROMPT_WITH_INPUT
+from tunefleet.launcher.tiny import dataset_rows
+
+TASK_LABELS = ("reverse", "uppercase", "sort", "add", "capital")
+_TASK_BY_FIRST_WORD = {"Reverse": "reverse", "Uppercase": "uppercase", "Sort": "sort", "Add": "add"}
+_SIZES = {"train": (1000, 600), "eval": (100, 100)}  # (preference pairs, classification rows)
+
+
+def task_of(row: dict) -> str:
+    return _TASK_BY_FIRST_WORD.get(row["instruction"].split()[0], "capital")
+
+
+def _mistake(row: dict, rng: random.Random, capitals: list[str]) -> str:
+    task, answer = task_of(row), row["output"]
+    if task in ("reverse", "uppercase"):
+        return row["input"]
+    if task == "sort":
+        return row["input"] if row["input"] != answer else answer[::-1]
+    if task == "add":
+        return str(int(answer) + rng.choice((1, 2, 10)) * (1 if int(answer) < 10 else rng.choice((-1, 1))))
+    return rng.choice([capital for capital in capitals if capital != answer])
+
+
+def preference_rows(rows: list[dict], rng: random.Random, capitals: list[str]) -> list[dict]:
+    out = []
+    for row in rows:
+        template = ALPACA_PROMPT_WITH_INPUT if row["input"] else ALPACA_PROMPT
+        prompt = template.format(instruction=row["instruction"], input=row["input"])
+        out.append({"prompt": prompt, "chosen": row["output"], "rejected": _mistake(row, rng, capitals)})
+    return out
+
+
+def classification_csv(rows: list[dict]) -> str:
+    buffer = io.StringIO()
+    writer = csv.writer(buffer, lineterminator="\n")
+    writer.writerow(["text", "label"])
+    for row in rows:
+        writer.writerow([f"{row['instruction']} {row['input']}".strip(), task_of(row)])
+    return buffer.getvalue()
+
+
+def file_contents(seed: int = 0) -> dict[str, str]:
+    """Every file's text keyed by its path under the data folder; a pure function of ``seed``."""
+    rows = dataset_rows(seed)
+    capitals = sorted({r["output"] for r in rows["alpaca_train"] if task_of(r) == "capital"})
+    rng = random.Random(seed)
+    files = {}
+    for split, (num_pairs, num_classified) in _SIZES.items():
+        source = rows[f"alpaca_{split}"]
+        pairs = preference_rows(source[:num_pairs], rng, capitals)
+        files[f"preference/{split}.jsonl"] = "".join(json.dumps(p, ensure_ascii=False) + "\n" for p in pairs)
+        files[f"classification/{split}.csv"] = classification_csv(source[-num_classified:])
+    return files
+
+
+def generate(out_dir: Path, seed: int = 0) -> list[Path]:
+    """Write the files under ``out_dir``; the bytes depend only on ``seed``."""
+    written = []
+    for name, text in file_contents(seed).items():
+        path = out_dir / name
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_bytes(text.encode("utf-8"))
+        written.append(path)
+    return written
+
+
+if __name__ == "__main__":
+    if len(sys.argv) != 2:
+        sys.exit("usage: python -m tunefleet.launcher.tiny_data <data_dir>")
+    for written in generate(Path(sys.argv[1])):
+        print(written)

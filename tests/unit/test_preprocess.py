@@ -1,0 +1,148 @@
+"""Tokenize once: the content-hashed cache, mixing weights, eval splits, packing
+statistics, parallel tokenization, the preprocess report and the shipped sets."""
+
+from __future__ import annotations
+
+import io
+import json
+
+import numpy as np
+import pytest
+from rich.console import Console
+from transformers import AutoTokenizer
+
+from tests.conftest import REPO
+from tunefleet.launcher import data, preprocess, tiny_data
+from tunefleet.launcher.errors import DataError
+from tunefleet.launcher.recipe import DataConfig, DataSource, load_recipe
+from tunefleet.launcher.tiny import ensure_tiny_model
+
+TINY_DATA = REPO / "recipes" / "tiny" / "data"
+
+
+@pytest.fixture(scope="module")
+def tokenizer_dir():
+    return str(ensure_tiny_model("llama"))
+
+
+@pytest.fixture(scope="module")
+def tokenizer(tokenizer_dir):
+    return AutoTokenizer.from_pretrained(tokenizer_dir)
+
+
+def write_rows(path, numbers):
+    path.write_text("".join(json.dumps({"instruction": f"Add {i} and 1.", "output": str(i + 1)}) + "\n"
+                            for i in numbers))
+    return path
+
+
+def outputs(tokenizer, split) -> list[int]:
+    """The numeric answer of every example (the target text minus eos)."""
+    return [int(tokenizer.decode([t for t, lab in zip(*split.row(i)) if lab != data.IGNORE_INDEX],
+                                 skip_special_tokens=True)) for i in range(len(split))]
+
+
+def prepare(tmp_path, tokenizer, tokenizer_dir, *sources, seed=0, **options):
+    cfg = DataConfig(sources=list(sources), cache_dir=str(tmp_path / "cache"), **{"max_seq_len": 64, **options})
+    return preprocess.prepare(cfg, tokenizer, tokenizer_dir, seed=seed)
+
+
+def test_cache_is_reused_and_invalidated_by_a_changed_file(tokenizer, tokenizer_dir, tmp_path):
+    path = write_rows(tmp_path / "a.jsonl", range(20))
+    source = DataSource(path=str(path))
+    first = prepare(tmp_path, tokenizer, tokenizer_dir, source)
+    stamp = (first / "meta.json").stat().st_mtime_ns
+    assert prepare(tmp_path, tokenizer, tokenizer_dir, source) == first
+    assert (first / "meta.json").stat().st_mtime_ns == stamp
+    write_rows(path, [5])
+    second = prepare(tmp_path, tokenizer, tokenizer_dir, source)
+    assert second != first and data.cache_meta(second)["train_rows"] == 1
+    assert isinstance(data.open_split(second, "train").input_ids, np.memmap)
+
+
+def test_a_folder_source_hash_covers_every_file_in_it(tokenizer, tokenizer_dir, tmp_path):
+    folder = tmp_path / "rows"
+    folder.mkdir()
+    write_rows(folder / "a.jsonl", range(3))
+    write_rows(folder / "b.jsonl", range(3, 5))
+    source = DataSource(path=str(folder))
+    first = prepare(tmp_path, tokenizer, tokenizer_dir, source)
+    assert data.cache_meta(first)["train_rows"] == 5
+    write_rows(folder / "b.jsonl", range(3, 6))
+    assert prepare(tmp_path, tokenizer, tokenizer_dir, source) != first
+    write_rows(folder / "c.jsonl", [9])
+    assert data.cache_meta(prepare(tmp_path, tokenizer, tokenizer_dir, source))["train_rows"] == 7
+
+
+def test_weights_set_each_sources_rows_per_epoch(tokenizer, tokenizer_dir, tmp_path):
+    small = DataSource(path=str(write_rows(tmp_path / "small.jsonl", range(10))), weight=2.5)
+    large = DataSource(path=str(write_rows(tmp_path / "large.jsonl", range(100, 140))), weight=0.5)
+    folder = prepare(tmp_path, tokenizer, tokenizer_dir, small, large, seed=4)
+    answers = outputs(tokenizer, data.open_split(folder, "train"))
+    from_small, from_large = [a for a in answers if a <= 10], [a for a in answers if a > 100]
+    assert len(from_small) == 25 and len(from_large) == 20 and len(set(from_large)) == 20
+    assert all(from_small.count(a) in (2, 3) for a in range(1, 11))  # two copies, then 5 rows once more
+    assert [s["epoch_rows"] for s in data.cache_meta(folder)["sources"]] == [25, 20]
+    again = outputs(tokenizer, data.open_split(prepare(tmp_path, tokenizer, tokenizer_dir, small, large, seed=4),
+                                               "train"))
+    assert again == answers
+
+
+def test_eval_fraction_holds_out_rows_per_source_before_mixing(tokenizer, tokenizer_dir, tmp_path):
+    source = DataSource(path=str(write_rows(tmp_path / "a.jsonl", range(40))), weight=2.0)
+    folder = prepare(tmp_path, tokenizer, tokenizer_dir, source, eval={"fraction": 0.25})
+    train, evaluation = data.open_split(folder, "train"), data.open_split(folder, "eval")
+    assert len(evaluation) == 10 and len(train) == 60
+    assert not set(outputs(tokenizer, evaluation)) & set(outputs(tokenizer, train))
+
+
+def test_packing_is_reported_and_both_splits_are_packed(tokenizer, tokenizer_dir, tmp_path):
+    source = DataSource(path=str(write_rows(tmp_path / "a.jsonl", range(30))))
+    options = {"eval": {"fraction": 0.2}, "max_seq_len": 128}  # about 3 rows fit in one
+    plain = data.cache_meta(prepare(tmp_path, tokenizer, tokenizer_dir, source, **options))
+    folder = prepare(tmp_path, tokenizer, tokenizer_dir, source, packing=True, **options)
+    packed = data.cache_meta(folder)
+    assert packed["train_tokens"] == plain["train_tokens"] and packed["train_rows"] < plain["train_rows"]
+    assert packed["epoch_examples"] == plain["train_rows"] == 24
+    assert packed["packing_efficiency"] > 2 * plain["packing_efficiency"]
+    assert data.open_split(folder, "eval").position_ids is not None
+
+
+def test_no_rows_left_is_an_error_before_any_worker(tokenizer, tokenizer_dir, tmp_path):
+    path = tmp_path / "bad.jsonl"
+    path.write_text('{"instruction": "a"}\n{"oops": 1}\n')
+    with pytest.raises(DataError, match=r"no training rows are left \(.*bad.jsonl: 2 read, 2 skipped"):
+        prepare(tmp_path, tokenizer, tokenizer_dir, DataSource(path=str(path)), on_bad_row="skip")
+
+
+def test_parallel_tokenization_gives_the_same_arrays(tokenizer, tokenizer_dir, tmp_path, monkeypatch):
+    source = DataSource(path=str(TINY_DATA / "chat_eval.jsonl"), format="chat")
+    monkeypatch.setattr(preprocess, "CHUNK_ROWS", 64)
+    serial, _ = preprocess.encode_source(source, DataConfig(sources=[source]), tokenizer)
+    parallel, _ = preprocess.encode_source(source, DataConfig(sources=[source], num_proc=2), tokenizer)
+    for name in ("input_ids", "labels", "offsets"):
+        assert np.array_equal(getattr(serial, name), getattr(parallel, name))
+
+
+def test_preprocess_report_counts_and_renders(tmp_path):
+    recipe = load_recipe(REPO / "recipes" / "tiny" / "llama-lora-ddp.yaml",
+                         [f"data.cache_dir={tmp_path}", "data.packing=true", "data.eval.path=null",
+                          "data.eval.fraction=0.1"])
+    report = preprocess.preprocess_report(recipe)
+    assert (report["train_rows"] < report["epoch_examples"] == 1800) and report["eval_rows"] > 0
+    assert report["cache_dir"].startswith(str(tmp_path)) and not report["reused"]
+    assert preprocess.preprocess_report(recipe)["reused"]
+    console = Console(file=io.StringIO(), width=200)
+    preprocess.render_report(report, console)
+    assert "packing efficiency" in console.file.getvalue() and "chat_train.jsonl" in console.file.getvalue()
+
+
+def test_shipped_preference_and_classification_sets_regenerate_byte_for_byte(tmp_path):
+    written = tiny_data.generate(tmp_path)
+    assert {p.relative_to(tmp_path).as_posix() for p in written} == {
+        "preference/train.jsonl", "preference/eval.jsonl", "classification/train.csv", "classification/eval.csv"}
+    for path in written:
+        shipped = TINY_DATA / path.relative_to(tmp_path)
+        assert path.read_bytes() == shipped.read_bytes(), f"regenerate {shipped}"
+    pairs = [json.loads(line) for line in (tmp_path / "preference/train.jsonl").read_text().splitlines()]
+    assert len(pairs) == 1000 and all(p["chosen"] != p["rejected"] for p in pairs)

@@ -56,7 +56,9 @@ class RayCluster:
         self.temp_dir = tempfile.mkdtemp(prefix="tf-ray-", dir="/tmp")
         self.port = free_port()
         self.address = f"127.0.0.1:{self.port}"
-        self.env = {**os.environ, "RAY_AUTH_MODE": "disabled", **(env or {})}
+        # RAY_ADDRESS: Ray Train's placement-group cleaner auto-detects "the" cluster and
+        # fails when several run on this machine (other tests, other sessions).
+        self.env = {**os.environ, "RAY_AUTH_MODE": "disabled", "RAY_ADDRESS": self.address, **(env or {})}
         self.proc = self._start("--head", f"--port={self.port}", f"--num-cpus={num_cpus}",
                                 f"--temp-dir={self.temp_dir}", f"--dashboard-port={free_port()}")
         self.nodes: list[subprocess.Popen] = []

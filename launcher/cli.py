@@ -98,6 +98,22 @@ def list_recipes() -> None:
     out.print(table)
 
 
+@app.command("runs")
+def list_runs(folder: Annotated[Path, typer.Argument(help="A run folder or a folder of runs.")] = Path("runs")) -> None:
+    """List runs with their state (running, finished, failed, preempted), last step, checkpoint, restarts."""
+    from tunefleet.launcher.runs import find_runs
+
+    found = find_runs(folder) if folder.exists() else []
+    if not found:
+        raise UserError(f"no runs under {folder}; pass the output_dir of a launch or a folder holding several")
+    table = Table("run", "state", "step", "loss", "last checkpoint", "restarts", show_edge=False)
+    for run in found:
+        loss = f"{run['last_loss']:.4f}" if run["last_loss"] is not None else "-"
+        table.add_row(run["name"], run["state"], f"{run['last_step']}/{run['max_steps']}", loss,
+                      run["last_checkpoint"] or "-", str(run["restarts"]))
+    out.print(table)
+
+
 @app.command()
 def schema() -> None:
     """Print the recipe's JSON Schema (for editors)."""

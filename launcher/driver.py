@@ -14,7 +14,7 @@ import uuid
 from dataclasses import dataclass
 from pathlib import Path
 
-from tunefleet.launcher import checkpoint, data, modeling
+from tunefleet.launcher import checkpoint, data, modeling, runs
 from tunefleet.launcher.console import LaunchConsole
 from tunefleet.launcher.control import EXIT_PREEMPTED, Control, forward_signals_to
 from tunefleet.launcher.errors import PreflightError, Problem, RecipeError, TrainingFailed, UserError
@@ -80,7 +80,7 @@ def prepare_job(recipe: Recipe, source: str, resume: str) -> tuple[Job, str]:
     data_dir = data.prepare(recipe.data, tokenizer, model_path, seed=recipe.train.seed)
     job = Job(
         recipe=recipe, strategy_plan=plan, model_path=model_path, data_dir=str(data_dir),
-        wandb_run_id=uuid.uuid4().hex[:12], driver_versions=package_versions(),
+        wandb_run_id=uuid.uuid4().hex[:12], launch_id=uuid.uuid4().hex[:12], driver_versions=package_versions(),
         fault=parse_fault(os.environ.get("TUNEFLEET_FAULT", "")),
     )
     return job, reason
@@ -139,6 +139,8 @@ def launch(recipe: Recipe, *, source: str, address: str | None = None, resume: s
     output_dir = Path(recipe.output_dir)
     output_dir.mkdir(parents=True, exist_ok=True)
     (output_dir / RESOLVED_RECIPE).write_text(_resolved_yaml(recipe, job, reason))
+    runs.record_state(output_dir, "running", name=recipe.name, max_steps=recipe.train.max_steps,
+                      checkpoint_dir=recipe.checkpoint_dir)
     console.header(job, reason, data.cache_meta(Path(job.data_dir)))
 
     started = time.time()
@@ -157,16 +159,19 @@ def launch(recipe: Recipe, *, source: str, address: str | None = None, resume: s
                 time.sleep(0.2)
             progress.update(queue.get_nowait_batch(queue.qsize()) if queue.qsize() else [])
         if failure:
+            runs.record_state(output_dir, "failed")
             raise _training_failed(recipe, failure[0]) from failure[0]
     finally:
         ray.shutdown()
     if console.finish.get("preflight"):
         (output_dir / "preflight.json").write_text(json.dumps(console.finish["preflight"], indent=2))
+    preempted_at = console.finish.get("preempted_at")
+    runs.record_state(output_dir, "preempted" if preempted_at else "finished" if console.finish else "failed")
     if console.finish.get("preflight_failed"):
         raise PreflightError("preflight failed:\n" + "\n".join(f"  - {p}" for p in console.finish["preflight_failed"]))
     summary = console.summary(output_dir, wall_time_s=time.time() - started)
     (output_dir / "summary.json").write_text(json.dumps(summary, indent=2))
-    return LaunchResult(output_dir=str(output_dir), summary=summary, preempted_at=console.finish.get("preempted_at"))
+    return LaunchResult(output_dir=str(output_dir), summary=summary, preempted_at=preempted_at)
 
 
 def _head_node_affinity():

@@ -12,7 +12,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-from tunefleet.launcher import data, modeling
+from tunefleet.launcher import data, modeling, throughput
 from tunefleet.launcher.checkpoint import CheckpointManager, latest
 from tunefleet.launcher.control import StopPoller
 from tunefleet.launcher.metrics import Reporter
@@ -33,6 +33,7 @@ class Job:
     model_path: str
     data_dir: str
     wandb_run_id: str
+    launch_id: str = ""
     driver_versions: dict = field(default_factory=dict)
     host_bytes_needed: int = 0
     fault: dict = field(default_factory=dict)  # test-only fault injection, see faults.py
@@ -72,6 +73,11 @@ def run(job: Job, reporter: Reporter, control=None, node: str | None = None) -> 
         modeling.param_groups(module, recipe.train),
     )
 
+    num_params = sum(getattr(p, "ds_numel", p.numel()) for p in strategy.unwrapped.parameters())
+    num_trainable = sum(getattr(p, "ds_numel", p.numel()) for p in strategy.unwrapped.parameters() if p.requires_grad)
+    peak_flops = throughput.device_peak_flops(device)
+    model_config = getattr(strategy.unwrapped, "config", None)
+
     # Data: memory-mapped token arrays prepared once by the driver.
     train_split = data.open_split(Path(job.data_dir), "train")
     eval_split = data.open_split(Path(job.data_dir), "eval")
@@ -91,6 +97,7 @@ def run(job: Job, reporter: Reporter, control=None, node: str | None = None) -> 
         meta = checkpoints.load(resume_from, strategy)
         start_step, tokens_seen = meta["step"], meta["tokens_seen"]
         wandb_run_id = meta.get("wandb_run_id", wandb_run_id)
+    restarts = count_attempt(recipe.output_dir, job.launch_id, rank) - 1
     reporter.start(start_step=start_step, wandb_run_id=wandb_run_id, resumed_from=resume_from)
 
     def save_checkpoint(step: int) -> None:
@@ -121,11 +128,17 @@ def run(job: Job, reporter: Reporter, control=None, node: str | None = None) -> 
         tokens_seen += result.num_input_tokens
         done = step + 1
         if done % recipe.logging.every_steps == 0 or done == recipe.train.max_steps:
+            rows = plan.global_batch_rows
+            flops = throughput.flops_per_token(
+                model_config, num_params, num_trainable, seq_len=result.num_input_tokens // rows
+            ) * result.num_input_tokens
             reporter.log({
                 "step": done, "loss": result.loss, "lr": strategy.scheduler.get_last_lr()[0],
                 "grad_norm": result.grad_norm, "tokens_per_s": result.num_input_tokens / step_time_s,
-                "samples_per_s": plan.micro_batch_size * plan.grad_accum_steps * world_size / step_time_s,
-                "step_time_s": step_time_s, "tokens_seen": tokens_seen,
+                "tokens_per_s_per_worker": result.num_input_tokens / step_time_s / world_size,
+                "samples_per_s": rows / step_time_s, "step_time_s": step_time_s, "tokens_seen": tokens_seen,
+                "mfu": flops / step_time_s / (peak_flops * world_size) if peak_flops else None,
+                "restarts": restarts, **memory_per_rank(strategy, device),
             })
         if eval_set is not None and every_eval and done % every_eval == 0 and done != recipe.train.max_steps:
             reporter.log({"step": done, "eval_loss": evaluate(strategy, eval_set, device)})
@@ -154,6 +167,27 @@ def run(job: Job, reporter: Reporter, control=None, node: str | None = None) -> 
         dist.barrier()
     strategy.teardown()
     return {"final_dir": str(final_dir) if recipe.checkpoint.export_final else None, "preflight": preflight}
+
+
+def memory_per_rank(strategy, device: torch.device) -> dict[str, list[int]]:
+    """Collective: held tensor bytes (params, grads, optimizer state) and RSS of every rank."""
+    stats = {"held_bytes": throughput.held_bytes(strategy.unwrapped, strategy.optimizer),
+             **throughput.memory_stats(device)}
+    mine = torch.tensor(list(stats.values()), dtype=torch.int64)
+    gathered = [torch.empty_like(mine) for _ in range(dist.get_world_size())]
+    dist.all_gather(gathered, mine)
+    return {f"{name}_per_rank": [int(g[i]) for g in gathered] for i, name in enumerate(stats)}
+
+
+def count_attempt(output_dir: str, launch_id: str, rank: int) -> int:
+    """Rank 0 records each start of the worker group; returns this launch's attempt number."""
+    attempts = Path(output_dir) / ".attempts"
+    if rank == 0:
+        attempts.parent.mkdir(parents=True, exist_ok=True)
+        with attempts.open("a") as handle:
+            handle.write(launch_id + "\n")
+    dist.barrier()
+    return attempts.read_text().split().count(launch_id) if attempts.is_file() else 1
 
 
 def inject_fault(job: Job, rank: int, step: int, at: str) -> None:

@@ -30,6 +30,7 @@ def test_sigkill_of_a_worker_mid_run_resumes_bitwise(baseline_full, ray_cluster,
     assert_clean_metrics(out)
     baseline_losses = [r["loss"] for r in read_metrics(baseline_full[0])[0]]
     assert [r["loss"] for r in read_metrics(out)[0]] == baseline_losses
+    assert [r["restarts"] for r in read_metrics(out)[0]] == [0] * 8 + [1] * (STEPS - 8)
 
 
 def test_sigkill_while_writing_a_checkpoint_ignores_the_partial_one(baseline_full, ray_cluster, tmp_path):

@@ -19,8 +19,10 @@ def check_run(run_dir: Path) -> tuple[list[dict], list[dict]]:
     train, evals = read_metrics(run_dir)
     assert [r["step"] for r in train] == list(range(1, STEPS + 1))
     for row in train:
-        assert {"step", "loss", "lr", "tokens_per_s", "grad_norm"} <= row.keys()
-        assert row["tokens_per_s"] > 0
+        assert {"step", "loss", "lr", "tokens_per_s", "grad_norm", "samples_per_s", "step_time_s"} <= row.keys()
+        assert row["tokens_per_s"] > 0 and 0 < row["mfu"] < 1 and row["restarts"] == 0
+        assert len(row["held_bytes_per_rank"]) == 2 and min(row["held_bytes_per_rank"]) > 0
+        assert min(row["peak_rss_bytes_per_rank"]) >= min(row["rss_bytes_per_rank"]) > 0
     assert [r["step"] for r in evals] == [0, 12, STEPS]
     assert evals[-1]["eval_loss"] < evals[0]["eval_loss"] - 0.5, evals
     resolved = yaml.safe_load((run_dir / "recipe.resolved.yaml").read_text())
@@ -93,3 +95,11 @@ def test_relaunch_of_finished_run_resumes_at_the_end(full_run, ray_cluster):
     assert [r["step"] for r in train] == list(range(1, STEPS + 1))
     assert (out / "metrics.jsonl").read_text().splitlines()[: STEPS] == before.splitlines()[: STEPS]
 
+
+
+def test_runs_lists_the_finished_run(full_run):
+    out, _ = full_run
+    result = tunefleet("runs", str(out.parent))
+    assert result.returncode == 0, result.stderr
+    line = next(line for line in result.stdout.splitlines() if "tiny-llama-full-ddp" in line)
+    assert "finished" in line and f"{STEPS}/{STEPS}" in line and f"step_{STEPS}" in line

@@ -61,17 +61,22 @@ class Reporter:
         self.run_name = run_name
         self.config = config or {}
         self._run = None
-        self._wandb_seen = -1  # steps W&B received in earlier attempts; a resume recomputes them bitwise
+        # W&B commits a step's row when a later step arrives (or at finish). Steps committed by
+        # earlier attempts are not sent again: a resume recomputes them bitwise identically.
+        self._wandb_committed = -1
+        self._wandb_step = -1
 
-    def start(self, *, start_step: int, wandb_run_id: str, resumed_from: Path | None) -> None:
+    def start(self, *, start_step: int, wandb_run_id: str, resumed_from: Path | None,
+              attachments: dict | None = None) -> None:
         if not self.enabled:
             return
         self.path.parent.mkdir(parents=True, exist_ok=True)
         truncate_after(self.path, start_step)
         if self.wandb_cfg is not None and wandb_mode(self.wandb_cfg) != "disabled":
             self._run = self._init_wandb(wandb_run_id)
+            self._run.config.update(attachments or {}, allow_val_change=True)
             step_file = self.path.parent / WANDB_STEP_FILE
-            self._wandb_seen = int(step_file.read_text()) if step_file.is_file() else -1
+            self._wandb_committed = int(step_file.read_text()) if step_file.is_file() else -1
         self._send({"event": "start", "start_step": start_step,
                     "resumed_from": str(resumed_from) if resumed_from else None})
 
@@ -92,9 +97,11 @@ class Reporter:
         row = _clean({**row, "time": round(time.time(), 3)})
         with self.path.open("a") as handle:
             handle.write(json.dumps(row) + "\n")
-        if self._run is not None and row["step"] > self._wandb_seen:
+        if self._run is not None and row["step"] > self._wandb_committed:
+            if row["step"] > self._wandb_step >= 0:
+                self._note_committed(self._wandb_step)
+            self._wandb_step = row["step"]
             self._run.log({k: v for k, v in row.items() if k not in ("step", "time")}, step=row["step"])
-            (self.path.parent / WANDB_STEP_FILE).write_text(str(row["step"]))
         self._send({"event": "metrics", **row})
 
     def finish(self, summary: dict[str, Any]) -> None:
@@ -103,7 +110,11 @@ class Reporter:
         if self._run is not None:
             self._run.summary.update(_clean(summary))
             self._run.finish()
+            self._note_committed(self._wandb_step)
         self._send({"event": "finish", **summary})
+
+    def _note_committed(self, step: int) -> None:
+        (self.path.parent / WANDB_STEP_FILE).write_text(str(step))
 
     def _send(self, message: dict[str, Any]) -> None:
         if self.queue is not None:

@@ -34,6 +34,7 @@ class Job:
     data_dir: str
     wandb_run_id: str
     launch_id: str = ""
+    attachments: dict = field(default_factory=dict)  # e.g. the planner's report, for the W&B run
     driver_versions: dict = field(default_factory=dict)
     host_bytes_needed: int = 0
     fault: dict = field(default_factory=dict)  # test-only fault injection, see faults.py
@@ -98,7 +99,8 @@ def run(job: Job, reporter: Reporter, control=None, node: str | None = None) -> 
         start_step, tokens_seen = meta["step"], meta["tokens_seen"]
         wandb_run_id = meta.get("wandb_run_id", wandb_run_id)
     restarts = count_attempt(recipe.output_dir, job.launch_id, rank) - 1
-    reporter.start(start_step=start_step, wandb_run_id=wandb_run_id, resumed_from=resume_from)
+    reporter.start(start_step=start_step, wandb_run_id=wandb_run_id, resumed_from=resume_from,
+                   attachments={"preflight": preflight, "plan": plan.model_dump(mode="json"), **job.attachments})
 
     def save_checkpoint(step: int) -> None:
         started = time.perf_counter()

@@ -43,8 +43,10 @@ EXPECTED = {
 }
 
 
-@pytest.mark.parametrize("case", sorted(EXPECTED))
-@pytest.mark.parametrize("command", ["launch", "validate"])
+CASES = [("launch", case) for case in sorted(EXPECTED)] + [("validate", "unknown_key"), ("validate", "missing_data")]
+
+
+@pytest.mark.parametrize("command,case", CASES)
 def test_bad_input_is_one_clear_message(tmp_path, case, command):
     out = tmp_path / "run"
     content = broken(tiny_raw(out), case)

@@ -166,7 +166,8 @@ class DataSource(Section):
     def _check(self) -> DataSource:
         if (self.path is None) == (self.dataset is None):
             raise ValueError("set exactly one of path (local files) and dataset (a Hugging Face dataset id)")
-        if self.path is not None and (stray := sorted(set(_HUB_ONLY) & self.model_fields_set)):
+        given = {n for n in set(_HUB_ONLY) & self.model_fields_set if getattr(self, n) != type(self).model_fields[n].default}
+        if self.path is not None and (stray := sorted(given)):
             raise ValueError(f"{', '.join(stray)}: only used by `dataset` sources; remove")
         unknown = sorted(set(self.fields) - set(FORMAT_FIELDS[self.format]))
         if unknown:

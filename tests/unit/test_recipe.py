@@ -135,3 +135,11 @@ def test_schema_is_json_and_forbids_extra():
 def test_fingerprint_changes_with_the_recipe():
     assert load_recipe(TINY).fingerprint() == load_recipe(TINY).fingerprint()
     assert load_recipe(TINY).fingerprint() != load_recipe(TINY, ["train.lr=0.1"]).fingerprint()
+
+
+@pytest.mark.parametrize("path", SHIPPED, ids=[str(p.relative_to(REPO)) for p in SHIPPED])
+def test_resolved_recipe_loads_back_unchanged(path):
+    """recipe.resolved.yaml (every default filled in) is itself a valid recipe."""
+    recipe = load_recipe(path)
+    again = Recipe.model_validate(yaml.safe_load(recipe.to_yaml()))
+    assert again == recipe

@@ -90,7 +90,9 @@ def param_groups(model: torch.nn.Module, train: TrainConfig) -> list[dict]:
     for name, param in model.named_parameters():
         if not param.requires_grad:
             continue
-        (no_decay if param.ndim < 2 or "norm" in name.lower() else decay).append(param)
+        # ZeRO-3 partitions parameters at load: their real shape is in ds_shape.
+        ndim = len(getattr(param, "ds_shape", param.shape))
+        (no_decay if ndim < 2 or "norm" in name.lower() else decay).append(param)
     groups = [{"params": decay, "weight_decay": train.weight_decay}]
     if no_decay:
         groups.append({"params": no_decay, "weight_decay": 0.0})

@@ -29,11 +29,11 @@ def check_compatibility(
             "parallelism.cpu_offload has no effect with strategy ddp; use strategy fsdp, "
             "deepspeed_zero2 or deepspeed_zero3 to offload, or set parallelism.cpu_offload: false"
         )
-    if mixed_precision == "fp16" and strategy_name == "fsdp":
+    if mixed_precision == "fp16" and strategy_name in ("fsdp", "ddp"):
         # torch's AMP documentation requires gradient scaling for fp16 (small gradients
         # underflow); the fsdp strategy does not scale the loss. DeepSpeed does.
         problems.append(
-            "parallelism.mixed_precision fp16 is not supported with strategy fsdp (no loss scaling); "
+            f"parallelism.mixed_precision fp16 is not supported with strategy {strategy_name} (no loss scaling); "
             "use mixed_precision bf16, or strategy deepspeed_zero3 for fp16"
         )
     if method_kind == "qlora" and strategy_name == "fsdp" and use_gpu:

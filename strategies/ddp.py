@@ -28,6 +28,9 @@ class DDPStrategy(AsyncSave, Strategy):
             checkpointing.enable_activation_checkpointing(module)
         device = _device(self.plan.use_gpu)
         module.to(device)
+        if self.plan.mixed_precision == "bf16":
+            # Master weights and optimizer stay fp32; matmuls run in bf16.
+            module.forward = torch.autocast(device.type, dtype=torch.bfloat16)(module.forward)
         self.model = DistributedDataParallel(
             module,
             device_ids=[device.index] if device.type == "cuda" else None,

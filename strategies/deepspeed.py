@@ -107,6 +107,8 @@ def _set(tree: dict, keys: list[str], value: Any) -> None:
 
 
 class _DeepSpeedStrategy(Strategy):
+    """Shared by both stages: the engine clips, steps optimizer and scheduler, and checkpoints."""
+
     def __init__(self, plan: StrategyPlan):
         super().__init__(plan)
         self.config = deepspeed_config(plan)
@@ -132,14 +134,11 @@ class _DeepSpeedStrategy(Strategy):
 
     def backward(self, loss: torch.Tensor) -> None:
         # The loop already normalized the loss; DeepSpeed must not divide by accumulation.
+        # ZeRO-2/3 reduce-scatter every micro-step into sharded buffers, so the base
+        # class's no-op no_sync is right: there is no replicated gradient to hold back.
         self.model.backward(loss, scale_wrt_gas=False)
         if not self.model.is_gradient_accumulation_boundary():
             self.model.step()  # only advances the engine's micro-step counter
-
-    @contextlib.contextmanager
-    def no_sync(self, enabled: bool) -> Iterator[None]:
-        # ZeRO-2/3 reduce-scatter every micro-step into sharded gradient buffers.
-        yield
 
     def optimizer_step(self) -> float | None:
         assert self.model.is_gradient_accumulation_boundary(), (

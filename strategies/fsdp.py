@@ -116,11 +116,6 @@ class FSDPStrategy(Strategy):
         self.optimizer = make_optimizer(_remap_groups(param_groups, names, module))
         self.scheduler = make_scheduler(self.optimizer)
 
-    @property
-    def unwrapped(self) -> torch.nn.Module:
-        # fully_shard changes the module's class in place; there is no wrapper.
-        return self.model
-
     @contextlib.contextmanager
     def no_sync(self, enabled: bool) -> Iterator[None]:
         self.model.set_requires_gradient_sync(not enabled)

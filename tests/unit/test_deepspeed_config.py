@@ -83,7 +83,8 @@ def test_override_of_a_recipe_value_names_both_keys(overrides, key, recipe_key):
 
 def test_offload_device_is_decided_only_when_the_recipe_offloads():
     nvme = {"zero_optimization": {"offload_optimizer": {"device": "nvme", "nvme_path": "/nvme"}}}
-    assert deepspeed_config(_plan(deepspeed_overrides=nvme))["zero_optimization"]["offload_optimizer"]["device"] == "nvme"
+    zero = deepspeed_config(_plan(deepspeed_overrides=nvme))["zero_optimization"]
+    assert zero["offload_optimizer"]["device"] == "nvme"
     with pytest.raises(ValueError, match="parallelism.cpu_offload"):
         deepspeed_config(_plan(cpu_offload=True, deepspeed_overrides=nvme))
 

@@ -19,6 +19,7 @@ from tunefleet.launcher.console import LaunchConsole
 from tunefleet.launcher.control import EXIT_PREEMPTED, Control, forward_signals_to
 from tunefleet.launcher.errors import PreflightError, Problem, RecipeError, TrainingFailed, UserError
 from tunefleet.launcher.faults import parse as parse_fault
+from tunefleet.launcher.metrics import WandbRun
 from tunefleet.launcher.plan import make_plan, rebalance
 from tunefleet.launcher.preflight import package_versions
 from tunefleet.launcher.recipe import Recipe
@@ -75,12 +76,14 @@ def prepare_job(recipe: Recipe, source: str, resume: str) -> tuple[Job, str]:
         if saved_rows != plan.global_batch_rows:
             plan = rebalance(plan, world_size=plan.world_size, global_rows=saved_rows)
             reason += f"; accumulation set to {plan.grad_accum_steps} to keep the checkpoint's global batch"
+    wandb_run_id = checkpoint.read_meta(existing).get("wandb_run_id") if existing else None
     model_path = modeling.resolve_model_path(recipe.model)
     tokenizer = modeling.load_tokenizer(model_path)
     data_dir = data.prepare(recipe.data, tokenizer, model_path, seed=recipe.train.seed)
     job = Job(
         recipe=recipe, strategy_plan=plan, model_path=model_path, data_dir=str(data_dir),
-        wandb_run_id=uuid.uuid4().hex[:12], launch_id=uuid.uuid4().hex[:12], driver_versions=package_versions(),
+        wandb_run_id=wandb_run_id or uuid.uuid4().hex[:12], launch_id=uuid.uuid4().hex[:12],
+        driver_versions=package_versions(),
         fault=parse_fault(os.environ.get("TUNEFLEET_FAULT", "")),
     )
     return job, reason
@@ -153,13 +156,20 @@ def launch(recipe: Recipe, *, source: str, address: str | None = None, resume: s
         failure: list[BaseException] = []
         thread = threading.Thread(target=_fit, args=(_trainer(job, queue, control), failure), daemon=True)
         thread.start()
+        tracker = WandbRun(recipe.logging.wandb, output_dir=str(output_dir), run_id=job.wandb_run_id,
+                           name=recipe.name, config=recipe.model_dump(mode="json"))
         with console.progress(recipe.train.max_steps) as progress:
-            while thread.is_alive():
-                progress.update(queue.get_nowait_batch(queue.qsize()) if queue.qsize() else [])
+            while True:
+                alive = thread.is_alive()
+                events = queue.get_nowait_batch(queue.qsize()) if queue.qsize() else []
+                progress.update(events)
+                tracker.handle(events)
+                if not alive:
+                    break
                 time.sleep(0.2)
-            progress.update(queue.get_nowait_batch(queue.qsize()) if queue.qsize() else [])
         if failure:
             runs.record_state(output_dir, "failed")
+            tracker.finish({"state": "failed"})
             raise _training_failed(recipe, failure[0]) from failure[0]
     finally:
         ray.shutdown()
@@ -170,6 +180,7 @@ def launch(recipe: Recipe, *, source: str, address: str | None = None, resume: s
     if console.finish.get("preflight_failed"):
         raise PreflightError("preflight failed:\n" + "\n".join(f"  - {p}" for p in console.finish["preflight_failed"]))
     summary = console.summary(output_dir, wall_time_s=time.time() - started)
+    tracker.finish(summary)
     (output_dir / "summary.json").write_text(json.dumps(summary, indent=2))
     return LaunchResult(output_dir=str(output_dir), summary=summary, preempted_at=preempted_at)
 

@@ -50,46 +50,20 @@ def _clean(row: dict[str, Any]) -> dict[str, Any]:
 
 
 class Reporter:
-    """Rank 0's sink for metrics; every method is a no-op on other ranks."""
+    """Rank 0's sink for metrics (``metrics.jsonl`` and the driver's queue); no-ops elsewhere."""
 
-    def __init__(self, *, enabled: bool, output_dir: str, queue=None, wandb: WandbConfig | None = None,
-                 run_name: str = "", config: dict | None = None):
+    def __init__(self, *, enabled: bool, output_dir: str, queue=None):
         self.enabled = enabled
         self.path = Path(output_dir) / METRICS_FILE
         self.queue = queue
-        self.wandb_cfg = wandb
-        self.run_name = run_name
-        self.config = config or {}
-        self._run = None
-        # W&B commits a step's row when a later step arrives (or at finish). Steps committed by
-        # earlier attempts are not sent again: a resume recomputes them bitwise identically.
-        self._wandb_committed = -1
-        self._wandb_step = -1
 
-    def start(self, *, start_step: int, wandb_run_id: str, resumed_from: Path | None,
-              attachments: dict | None = None) -> None:
+    def start(self, *, start_step: int, resumed_from: Path | None, attachments: dict | None = None) -> None:
         if not self.enabled:
             return
         self.path.parent.mkdir(parents=True, exist_ok=True)
         truncate_after(self.path, start_step)
-        if self.wandb_cfg is not None and wandb_mode(self.wandb_cfg) != "disabled":
-            self._run = self._init_wandb(wandb_run_id)
-            self._run.config.update(attachments or {}, allow_val_change=True)
-            step_file = self.path.parent / WANDB_STEP_FILE
-            self._wandb_committed = int(step_file.read_text()) if step_file.is_file() else -1
-        self._send({"event": "start", "start_step": start_step,
+        self._send({"event": "start", "start_step": start_step, "attachments": attachments or {},
                     "resumed_from": str(resumed_from) if resumed_from else None})
-
-    def _init_wandb(self, run_id: str):
-        import wandb
-
-        cfg = self.wandb_cfg
-        return wandb.init(
-            project=cfg.project, entity=cfg.entity, name=cfg.name or self.run_name, group=cfg.group,
-            tags=cfg.tags or None, id=run_id, resume="allow", mode=wandb_mode(cfg),
-            dir=str(self.path.parent), config=self.config,
-            settings=wandb.Settings(console="off", x_disable_stats=False),
-        )
 
     def log(self, row: dict[str, Any]) -> None:
         if not self.enabled:
@@ -97,25 +71,70 @@ class Reporter:
         row = _clean({**row, "time": round(time.time(), 3)})
         with self.path.open("a") as handle:
             handle.write(json.dumps(row) + "\n")
-        if self._run is not None and row["step"] > self._wandb_committed:
-            if row["step"] > self._wandb_step >= 0:
-                self._note_committed(self._wandb_step)
-            self._wandb_step = row["step"]
-            self._run.log({k: v for k, v in row.items() if k not in ("step", "time")}, step=row["step"])
         self._send({"event": "metrics", **row})
 
     def finish(self, summary: dict[str, Any]) -> None:
-        if not self.enabled:
-            return
-        if self._run is not None:
-            self._run.summary.update(_clean(summary))
-            self._run.finish()
-            self._note_committed(self._wandb_step)
-        self._send({"event": "finish", **summary})
-
-    def _note_committed(self, step: int) -> None:
-        (self.path.parent / WANDB_STEP_FILE).write_text(str(step))
+        if self.enabled:
+            self._send({"event": "finish", **summary})
 
     def _send(self, message: dict[str, Any]) -> None:
         if self.queue is not None:
             self.queue.put_nowait(message)
+
+
+class WandbRun:
+    """The job's one W&B run, owned by the driver, which outlives worker failures.
+
+    After a restart the workers recompute steps bitwise identically, so rows for
+    steps W&B already has are not sent again: W&B never sees a step go backwards.
+    A row is committed by W&B once a later step arrives (or at finish); the last
+    committed step is kept in the run folder so a relaunch continues the same way.
+    """
+
+    def __init__(self, cfg: WandbConfig, *, output_dir: str, run_id: str, name: str, config: dict):
+        self.cfg, self.output_dir, self.run_id, self.name, self.config = cfg, Path(output_dir), run_id, name, config
+        self.mode = wandb_mode(cfg)
+        step_file = self.output_dir / WANDB_STEP_FILE
+        self._committed = int(step_file.read_text()) if step_file.is_file() else -1
+        self._step = -1
+        self._run = None
+
+    def handle(self, events: list[dict[str, Any]]) -> None:
+        if self.mode == "disabled":
+            return
+        for event in events:
+            if event.get("event") == "start":
+                self._ensure().config.update(event.get("attachments") or {}, allow_val_change=True)
+            elif event.get("event") == "metrics":
+                self._log({k: v for k, v in event.items() if k != "event"})
+
+    def _ensure(self):
+        if self._run is None:
+            import wandb
+
+            cfg = self.cfg
+            self._run = wandb.init(
+                project=cfg.project, entity=cfg.entity, name=cfg.name or self.name, group=cfg.group,
+                tags=cfg.tags or None, id=self.run_id, resume="allow", mode=self.mode,
+                dir=str(self.output_dir), config=self.config, settings=wandb.Settings(console="off"),
+            )
+        return self._run
+
+    def _log(self, row: dict[str, Any]) -> None:
+        step = row["step"]
+        if step <= self._committed or step < self._step:
+            return
+        if step > self._step >= 0:
+            self._note_committed(self._step)
+        self._step = step
+        self._ensure().log({k: v for k, v in row.items() if k not in ("step", "time")}, step=step)
+
+    def finish(self, summary: dict[str, Any]) -> None:
+        if self._run is not None:
+            self._run.summary.update(_clean(summary))
+            self._run.finish()
+            self._note_committed(self._step)
+
+    def _note_committed(self, step: int) -> None:
+        self._committed = max(self._committed, step)
+        (self.output_dir / WANDB_STEP_FILE).write_text(str(self._committed))

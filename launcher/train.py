@@ -99,7 +99,7 @@ def run(job: Job, reporter: Reporter, control=None, node: str | None = None) -> 
         start_step, tokens_seen = meta["step"], meta["tokens_seen"]
         wandb_run_id = meta.get("wandb_run_id", wandb_run_id)
     restarts = count_attempt(recipe.output_dir, job.launch_id, rank) - 1
-    reporter.start(start_step=start_step, wandb_run_id=wandb_run_id, resumed_from=resume_from,
+    reporter.start(start_step=start_step, resumed_from=resume_from,
                    attachments={"preflight": preflight, "plan": plan.model_dump(mode="json"), **job.attachments})
 
     def save_checkpoint(step: int) -> None:

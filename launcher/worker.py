@@ -27,14 +27,7 @@ def train_loop_per_worker(config: dict) -> None:
     _quiet_libraries()
     job: Job = config["job"]
     rank = ray.train.get_context().get_world_rank()
-    reporter = Reporter(
-        enabled=rank == 0,
-        output_dir=job.recipe.output_dir,
-        queue=config.get("queue"),
-        wandb=job.recipe.logging.wandb,
-        run_name=job.recipe.name,
-        config=job.recipe.model_dump(mode="json"),
-    )
+    reporter = Reporter(enabled=rank == 0, output_dir=job.recipe.output_dir, queue=config.get("queue"))
     node = f"{socket.gethostname()}/{ray.get_runtime_context().get_node_id()[:8]}"
     result = run(job, reporter, control=config.get("control"), node=node)
     reporter.finish(result)

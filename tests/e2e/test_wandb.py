@@ -18,12 +18,14 @@ def test_one_run_with_increasing_steps_across_a_restart(ray_cluster, tmp_path):
     result = launch(FULL, out, "--set=logging.wandb.mode=offline", "--set=fault_tolerance.max_restarts=2",
                     address=ray_cluster.address,
                     env={"TUNEFLEET_FAULT": "rank=1,step=13,kind=sigkill", "WANDB_API_KEY": PLANTED_KEY})
+    # A relaunch of the finished run continues the same run and adds no steps.
+    launch(FULL, out, "--set=logging.wandb.mode=offline", address=ray_cluster.address)
     assert (out / ".fault-rank1-step13-step").exists()
     runs = history_steps(out / "wandb")
     assert len(runs) == 1, runs
     (steps,) = runs.values()
     assert steps == list(range(0, STEPS + 1))
-    assert len(list((out / "wandb").glob("offline-run-*"))) == 2  # one per attempt, same run id
+    assert len(list((out / "wandb").glob("offline-run-*"))) == 2  # one per launch (restarts share one)
 
     leaks = [str(p) for p in out.rglob("*") if p.is_file() and PLANTED_KEY.encode() in p.read_bytes()]
     assert not leaks, f"API key written to {leaks}"

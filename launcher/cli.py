@@ -62,6 +62,26 @@ def launch(
 
 
 @app.command()
+def plan(
+    recipe: RecipeArg,
+    overrides: SetOption = None,
+    num_nodes: Annotated[int | None, typer.Option(help="Plan for this many nodes.")] = None,
+    gpus_per_node: Annotated[int | None, typer.Option(help="Plan for GPUs: this many per node.")] = None,
+    gpu_memory_gib: Annotated[float | None, typer.Option(help="Memory per GPU (default 80).")] = None,
+    as_json: Annotated[bool, typer.Option("--json", help="Print the plan as JSON.")] = False,
+) -> None:
+    """Per-device memory of every strategy for this recipe, and the one `strategy: auto` picks."""
+    from tunefleet.launcher.planner import plan_command_output
+
+    output = plan_command_output(load_recipe(recipe, overrides or []), num_nodes=num_nodes,
+                                 gpus_per_node=gpus_per_node, gpu_memory_gib=gpu_memory_gib, as_json=as_json)
+    if as_json:
+        sys.stdout.write(output + "\n")
+    else:
+        out.print(output)
+
+
+@app.command()
 def validate(recipes: Annotated[list[Path], typer.Argument(help="Recipe files.", show_default=False)]) -> None:
     """Check recipes (schema, files, layout); list every problem. Exit 0 valid, 2 invalid."""
     from tunefleet.launcher.driver import check_recipe

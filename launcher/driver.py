@@ -21,6 +21,7 @@ from tunefleet.launcher.errors import PreflightError, Problem, RecipeError, Trai
 from tunefleet.launcher.faults import parse as parse_fault
 from tunefleet.launcher.metrics import WandbRun
 from tunefleet.launcher.plan import make_plan, rebalance
+from tunefleet.launcher.planner import plan_report
 from tunefleet.launcher.preflight import package_versions
 from tunefleet.launcher.recipe import Recipe
 from tunefleet.launcher.train import Job
@@ -80,8 +81,11 @@ def prepare_job(recipe: Recipe, source: str, resume: str) -> tuple[Job, str]:
     model_path = modeling.resolve_model_path(recipe.model)
     tokenizer = modeling.load_tokenizer(model_path)
     data_dir = data.prepare(recipe.data, tokenizer, model_path, seed=recipe.train.seed)
+    report = plan_report(recipe)
     job = Job(
-        recipe=recipe, strategy_plan=plan, model_path=model_path, data_dir=str(data_dir),
+        recipe=recipe, strategy_plan=plan,
+        host_bytes_needed=report.row_for(plan.name).host_bytes * report.workers_per_node,
+        attachments={"planner": report.model_dump(mode="json")}, model_path=model_path, data_dir=str(data_dir),
         wandb_run_id=wandb_run_id or uuid.uuid4().hex[:12], launch_id=uuid.uuid4().hex[:12],
         driver_versions=package_versions(),
         fault=parse_fault(os.environ.get("TUNEFLEET_FAULT", "")),

@@ -82,7 +82,7 @@ def build_meta_model(recipe: Recipe) -> torch.nn.Module:
     """The recipe's model (with its LoRA adapters) on the meta device: shapes only, no storage."""
     import transformers
 
-    from tunefleet.launcher.modeling import _attach_lora
+    from tunefleet.launcher.modeling import _attach_lora  # the very adapters training attaches
 
     cfg = recipe.model
     config = architecture_config(cfg)
@@ -183,9 +183,17 @@ class PlanReport(_Frozen):
     def per(self) -> str:
         return _per(self.device == "gpu")
 
+    def row_for(self, strategy: str) -> StrategyFit:
+        """``strategy``'s row under the recipe's own offload setting (rows before the fallbacks)."""
+        return next(row for row in self.rows[: len(STRATEGY_ORDER)] if row.memory.strategy == strategy)
+
 
 def _gib(num_bytes: float) -> str:
     return f"{num_bytes / GiB:.1f} GiB"
+
+
+def _row_name(row: StrategyFit) -> str:
+    return row.memory.strategy + (" + cpu offload" if row.memory.cpu_offload else "")
 
 
 def _count(num: int) -> str:
@@ -240,16 +248,14 @@ def _choose(rows: tuple[StrategyFit, ...], capacity_bytes: int, per: str) -> tup
     """The first row that fits and may be picked, or why none can."""
     for row in rows:
         if row.fits and row.blocked is None:
-            name = row.memory.strategy + (" with cpu offload" if row.memory.cpu_offload else "")
-            return row.memory.strategy, f"{name} fits: {_gib(row.need_bytes)} of {_gib(capacity_bytes)} {per}"
+            return row.memory.strategy, f"{_row_name(row)} fits: {_gib(row.need_bytes)} of {_gib(capacity_bytes)} {per}"
     smallest = min(rows, key=lambda row: row.need_bytes)
-    hint = f" ({smallest.blocked})" if smallest.blocked else ""
+    blocked = f"; {smallest.blocked}" if smallest.blocked else ""
     return None, (
         f"no strategy fits in {USABLE_FRACTION:.0%} of {_gib(capacity_bytes)} {per}; the smallest need is "
-        f"{_gib(smallest.need_bytes)} ({smallest.memory.strategy}"
-        f"{' with cpu offload' if smallest.memory.cpu_offload else ''}{hint}). Add workers "
-        "(parallelism.num_nodes, parallelism.workers_per_node), set parallelism.activation_checkpointing: true, "
-        "lower train.micro_batch_size or data.max_seq_len, or use method.kind: lora"
+        f"{_gib(smallest.need_bytes)} ({_row_name(smallest)}{blocked}). Add workers (parallelism.num_nodes, "
+        "parallelism.workers_per_node), set parallelism.activation_checkpointing: true, lower "
+        "train.micro_batch_size or data.max_seq_len, or use method.kind: lora"
     )
 
 
@@ -310,11 +316,10 @@ def render(report: PlanReport) -> Group:
     table.add_column("fits")
     for row in report.rows:
         m = row.memory
-        name = m.strategy + (" + offload" if m.cpu_offload else "")
         verdict = ("[green]yes[/]" if row.fits else "[red]no[/]") + (f" [dim]({row.blocked})[/]" if row.blocked else "")
         parts = (m.params_bytes, m.grads_bytes, m.optimizer_bytes, m.activations_bytes, m.buffers_bytes,
                  m.offloaded_bytes, row.need_bytes, row.host_bytes)
-        table.add_row(name, *(_gib(part) for part in parts), verdict)
+        table.add_row(_row_name(row), *(_gib(part) for part in parts), verdict)
     style = "green" if report.choice else "red"
     choice = Text.assemble(("choice: ", "bold"), (report.choice or "none", f"bold {style}"), f" ({report.reason})")
     return Group(table, choice)

@@ -82,3 +82,13 @@ def test_schema_prints_json_schema():
 def test_bad_set_syntax(tmp_path):
     result = tunefleet("launch", str(TINY), "--set", "train.lr")
     assert result.returncode == 2 and "KEY=VALUE" in result.stderr
+
+
+def test_plan_prints_every_strategy_and_the_choice():
+    result = tunefleet("plan", str(TINY), "--json", "--gpus-per-node", "8", "--gpu-memory-gib", "80")
+    assert result.returncode == 0, result.stderr
+    report = json.loads(result.stdout)
+    assert {row["memory"]["strategy"] for row in report["rows"]} >= {"ddp", "fsdp", "deepspeed_zero2",
+                                                                        "deepspeed_zero3"}
+    table = tunefleet("plan", str(TINY))
+    assert "choice: ddp" in table.stdout

@@ -59,7 +59,8 @@ def shape(num_params: int = P, num_persistent: int = 0, **overrides) -> ModelSha
 
 def setup(world_size: int, mixed_precision: str = "bf16", weight_bytes: int = 4, **overrides) -> TrainingSetup:
     values = dict(
-        method="full", world_size=world_size, weight_bytes=weight_bytes, mixed_precision=mixed_precision,
+        method="full", objective="sft", world_size=world_size, weight_bytes=weight_bytes,
+        mixed_precision=mixed_precision,
         seq_len=2048, micro_batch_size=1, activation_checkpointing=False, eager_attention=False, causal_lm=True,
     )
     return TrainingSetup(**{**values, **overrides})
@@ -125,6 +126,14 @@ def test_activations_follow_korthikanti_and_shrink_with_checkpointing():
     assert memory.activation_bytes(one_layer, fp32) == pytest.approx(2 * s * b * h * 34)
     full, ckpt = setup(1), setup(1, activation_checkpointing=True)
     assert memory.activation_bytes(shape(), ckpt) < memory.activation_bytes(shape(), full) / 4
+
+
+def test_full_dpo_keeps_a_reference_copy_and_doubles_the_rows():
+    sft, dpo = (memory.estimate("fsdp", shape(), setup(8, objective=objective)) for objective in ("sft", "dpo"))
+    assert dpo.params_bytes == sft.params_bytes + 4 * P  # the frozen reference is not sharded
+    assert dpo.activations_bytes == 2 * sft.activations_bytes
+    lora = dict(method="lora", objective="dpo")
+    assert memory.estimate("fsdp", shape(), setup(8, **lora)).params_bytes == sft.params_bytes  # adapters off
 
 
 def test_lora_counts_adapters_from_the_target_linear_shapes():
@@ -201,21 +210,28 @@ def test_nothing_fits_names_the_keys_to_change():
 def test_with_offload_enabled_auto_picks_an_offloading_strategy():
     recipe = gpu_recipe("meta-llama/Llama-3.1-70B", parallelism={"cpu_offload": True})
     name, reason = planner.choose_strategy(recipe)
-    assert name in planner.OFFLOADABLE and "with cpu offload" in reason
+    assert name in planner.OFFLOADABLE and f"{name} + cpu offload fits:" in reason
 
 
 def test_sharding_picks_the_simplest_that_fits():
     report = planner.plan_report(gpu_recipe("meta-llama/Llama-3.1-8B"), gpu_memory_gib=40)
     fits = [row.memory.strategy for row in report.rows if row.fits and row.blocked is None]
     assert report.choice == fits[0] != "ddp"
-    assert report.reason == f"{report.choice} fits: {report.rows[planner.STRATEGY_ORDER.index(report.choice)].need_bytes / GiB:.1f} GiB of 40.0 GiB per device"
+    assert report.reason == (
+        f"{report.choice} fits: {report.row_for(report.choice).need_bytes / GiB:.1f} GiB of 40.0 GiB per device"
+    )
 
 
 def test_more_nodes_shard_further():
     recipe = gpu_recipe("meta-llama/Llama-3.1-70B")
-    one, four = (planner.plan_report(recipe, num_nodes=n) for n in (1, 4))
-    zero3 = planner.STRATEGY_ORDER.index("deepspeed_zero3")
-    assert four.rows[zero3].memory.optimizer_bytes == pytest.approx(one.rows[zero3].memory.optimizer_bytes / 4, abs=1)
+    one, four = (planner.plan_report(recipe, num_nodes=n).row_for("deepspeed_zero3").memory for n in (1, 4))
+    assert four.optimizer_bytes == pytest.approx(one.optimizer_bytes / 4, abs=1)
+
+
+def test_row_for_follows_the_recipes_offload_setting():
+    report = planner.plan_report(gpu_recipe("meta-llama/Llama-3.1-8B", parallelism={"cpu_offload": True}))
+    assert report.row_for("fsdp").memory.cpu_offload
+    assert report.row_for("ddp").blocked == "parallelism.cpu_offload is true"
 
 
 # --------------------------------------------------------------------------- output
@@ -233,7 +249,7 @@ def test_table_output_shows_every_strategy_and_the_choice():
     text = console.export_text()
     for name in planner.STRATEGY_ORDER:
         assert name in text
-    assert "fsdp + offload" in text and "choice:" in text
+    assert "fsdp + cpu offload" in text and "choice:" in text
 
 
 def test_the_report_is_frozen():

@@ -12,7 +12,7 @@ export TORCH_EXTENSIONS_DIR ?= $(CURDIR)/.cache/torch_extensions
 export WANDB_SILENT ?= true
 export PIP_DISABLE_PIP_VERSION_CHECK := 1
 
-.PHONY: venv demo test test-fast test-e2e bench clean
+.PHONY: venv demo test test-fast test-dist test-e2e bench clean
 
 $(BIN)/.installed: pyproject.toml constraints.txt
 	$(PYTHON) -m venv $(VENV)
@@ -31,7 +31,10 @@ test: venv
 	$(BIN)/python -m pytest tests $(PYTEST_ARGS)
 
 test-fast: venv
-	$(BIN)/python -m pytest tests -m "not e2e and not slow" $(PYTEST_ARGS)
+	$(BIN)/python -m pytest tests -m "not e2e and not slow and not dist" $(PYTEST_ARGS)
+
+test-dist: venv
+	$(BIN)/python -m pytest tests -m dist $(PYTEST_ARGS)
 
 test-e2e: venv
 	$(BIN)/python -m pytest tests -m e2e $(PYTEST_ARGS)

@@ -70,10 +70,9 @@ def held_bytes(model: torch.nn.Module, optimizer: torch.optim.Optimizer | None) 
 
 
 def memory_stats(device: torch.device) -> dict[str, int]:
-    stats = {
-        "rss_bytes": psutil.Process().memory_info().rss,
-        "peak_rss_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
-    }
+    rss = psutil.Process().memory_info().rss
+    # The kernel updates the high-water mark lazily, so it can trail the current RSS.
+    stats = {"rss_bytes": rss, "peak_rss_bytes": max(rss, resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024)}
     if device.type == "cuda":
         stats["device_bytes"] = torch.cuda.memory_allocated(device)
         stats["peak_device_bytes"] = torch.cuda.max_memory_allocated(device)

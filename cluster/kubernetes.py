@@ -28,22 +28,23 @@ data, and `$` in environment values is doubled so Kubernetes does not expand
 
 from __future__ import annotations
 
+import codecs
 import json
 import math
 import os
 import re
 import shlex
-from collections.abc import Iterator, Mapping
+import time
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from decimal import Decimal
 from importlib.metadata import version
 from pathlib import Path
+from typing import Any
 
 import yaml
-from pydantic import ValidationError
 
-from tunefleet.launcher.errors import UserError
-from tunefleet.launcher.recipe import TINY_PREFIX, KubernetesConfig, Recipe
+from tunefleet.cluster.backend import ClusterError, JobStatus
 
 KUBERAY_VERSION = "v1.5.1"
 GROUP, API_VERSION, PLURAL = "ray.io", "v1", "rayjobs"
@@ -51,14 +52,15 @@ JOB_PREFIX = "kubernetes:"
 RECIPE_DIR = "/etc/tunefleet"
 RECIPE_FILE = "recipe.yaml"
 DRIVER_ARGV = ("tunefleet", "launch", f"{RECIPE_DIR}/{RECIPE_FILE}", "--address", "auto", "--resume", "auto")
-SHUTDOWN_MARGIN_S = 30
-# Head preStop: SIGTERM the driver (its command line is the constant DRIVER_ARGV), then wait for it to
-# exit. `recipe[.]yaml` keeps this script's own command line from matching; no `$(` or `$$`, which
-# Kubernetes would expand in a container's commands.
+SHUTDOWN_MARGIN_S = 30  # after the driver's checkpoint grace: stop Ray before Kubernetes' SIGKILL
+FINAL_STATES = frozenset({"Complete", "Failed"})  # jobDeploymentStatus values KubeRay never leaves
+# Head preStop: SIGTERM the driver, the process whose arguments include `launch /etc/tunefleet/recipe.yaml`
+# as two arguments (so not a shell running it), then wait for it to exit. `recipe[.]yaml` keeps this script's
+# own command line from matching; no `$(` or `$$`, which Kubernetes would expand in a container's commands.
 PRESTOP_SCRIPT = """\
 pids=
 for d in /proc/[0-9]*; do
-  if { tr '\\0' ' ' < "$d/cmdline"; } 2>/dev/null | grep -q 'launch /etc/tunefleet/recipe[.]yaml'; then
+  if { tr '\\0' '|' < "$d/cmdline"; } 2>/dev/null | grep -q '|launch|/etc/tunefleet/recipe[.]yaml|'; then
     pids="$pids ${d#/proc/}"
   fi
 done
@@ -71,23 +73,18 @@ done
 
 
 # --------------------------------------------------------------------------- settings
-def with_options(recipe: Recipe, options: Mapping | None = None) -> tuple[Recipe, KubernetesConfig]:
-    """The recipe with `--namespace`/`--image` folded into `cluster.kubernetes`, checked."""
-    kube = recipe.cluster.kubernetes or KubernetesConfig()
-    updates = {key: (options or {}).get(key) for key in ("namespace", "image")}
-    try:
-        kube = KubernetesConfig.model_validate({**kube.model_dump(), **{k: v for k, v in updates.items() if v}})
-    except ValidationError as exc:
-        raise UserError("cluster.kubernetes: " + "; ".join(
-            f"{'.'.join(map(str, err['loc']))}: {err['msg']}" for err in exc.errors())) from None
-    if not kube.image:
-        raise UserError("cluster.kubernetes.image: set the container image (tunefleet installed, Ray "
-                        f"{ray_version()}) in the recipe, or pass --image")
+def effective(recipe: Any, options: Any) -> tuple[Any, Any]:
+    """The recipe carrying `options`, its effective `cluster.kubernetes` (validated by the CLI with
+    `--namespace`/`--image` laid over it), so the pods run exactly what was submitted."""
+    kube = options if options is not None else recipe.cluster.kubernetes
+    if kube is None or not kube.image:
+        raise ClusterError("cluster.kubernetes.image: set the container image (tunefleet installed, Ray "
+                           f"{ray_version()}) in the recipe, or pass --image")
     cluster = recipe.cluster.model_copy(update={"kubernetes": kube})
     return recipe.model_copy(update={"cluster": cluster}), kube
 
 
-def job_name(recipe: Recipe) -> str:
+def job_name(recipe: Any) -> str:
     """A DNS-1035 name from the run name; KubeRay appends suffixes, so it stays short."""
     slug = re.sub(r"[^a-z0-9]+", "-", recipe.name.lower()).strip("-")[:40].rstrip("-")
     return slug if slug[:1].isalpha() else f"tf-{slug}".rstrip("-")
@@ -98,22 +95,23 @@ def ray_version() -> str:
 
 
 def parse_job_id(job_id: str) -> tuple[str, str]:
+    """`<namespace>/<name>`, with or without the `kubernetes:` prefix -> (namespace, name)."""
     namespace, _, name = job_id.removeprefix(JOB_PREFIX).partition("/")
-    if not job_id.startswith(JOB_PREFIX) or not namespace or not name:
-        raise UserError(f"{job_id!r} is not a Kubernetes job id; expected {JOB_PREFIX}<namespace>/<name>")
+    if not namespace or not name or "/" in name:
+        raise ClusterError(f"{job_id!r} is not a Kubernetes job id; expected {JOB_PREFIX}<namespace>/<name>")
     return namespace, name
 
 
 # --------------------------------------------------------------------------- manifests
-def manifests(recipe: Recipe, options: Mapping | None = None) -> list[dict]:
+def manifests(recipe: Any, options: Any = None) -> list[dict]:
     """ConfigMap, PersistentVolumeClaim and RayJob for one run, in creation order."""
-    recipe, kube = with_options(recipe, options)
+    recipe, kube = effective(recipe, options)
     name = job_name(recipe)
     meta = {"namespace": kube.namespace, "labels": _labels(name)}
     claim = kube.pvc_name or f"{name}-shared"
     configmap = {
         "apiVersion": "v1", "kind": "ConfigMap", "metadata": {"name": f"{name}-recipe", **meta},
-        "data": {RECIPE_FILE: recipe.to_yaml()},
+        "data": {RECIPE_FILE: recipe_yaml(recipe)},
     }
     pvc_spec = {"accessModes": ["ReadWriteMany"], "resources": {"requests": {"storage": kube.pvc_size}}}
     if kube.storage_class:
@@ -122,8 +120,15 @@ def manifests(recipe: Recipe, options: Mapping | None = None) -> list[dict]:
     return [configmap, pvc, rayjob(recipe, kube, name, claim=claim, configmap=f"{name}-recipe")]
 
 
-def rayjob(recipe: Recipe, kube: KubernetesConfig, name: str, *, claim: str, configmap: str) -> dict:
-    annotations = {"tunefleet.dev/kuberay-api": KUBERAY_VERSION, "tunefleet.dev/recipe-fingerprint": recipe.fingerprint()}
+def recipe_yaml(recipe: Any) -> str:
+    """What the recipe set, paths resolved and CLI flags folded in; `tunefleet launch` in the pod fills
+    the defaults as a local launch does (a full dump would not load: some checks look at which keys are set)."""
+    return yaml.safe_dump(recipe.model_dump(mode="json", exclude_unset=True), sort_keys=False)
+
+
+def rayjob(recipe: Any, kube: Any, name: str, *, claim: str, configmap: str) -> dict:
+    annotations = {"tunefleet.dev/kuberay-api": KUBERAY_VERSION,
+                   "tunefleet.dev/recipe-fingerprint": recipe.fingerprint()}
     return {
         "apiVersion": f"{GROUP}/{API_VERSION}", "kind": "RayJob",
         "metadata": {"name": name, "namespace": kube.namespace, "labels": _labels(name), "annotations": annotations},
@@ -138,12 +143,10 @@ def rayjob(recipe: Recipe, kube: KubernetesConfig, name: str, *, claim: str, con
     }
 
 
-def _cluster_spec(recipe: Recipe, kube: KubernetesConfig, volumes: list[dict], labels: dict) -> dict:
+def _cluster_spec(recipe: Any, kube: Any, volumes: list[dict], labels: dict) -> dict:
     par = recipe.parallelism
-    head = _pod_template(kube, labels, volumes, _container("ray-head", recipe, kube, _head_resources(kube)))
-    head["spec"]["terminationGracePeriodSeconds"] = math.ceil(recipe.fault_tolerance.preemption_grace_s) + SHUTDOWN_MARGIN_S
-    head["spec"]["containers"][0]["lifecycle"] = {"preStop": {"exec": {"command": ["/bin/sh", "-c", PRESTOP_SCRIPT]}}}
-    worker = _pod_template(kube, labels, volumes, _container("ray-worker", recipe, kube, worker_resources(recipe, kube)))
+    container = _container("ray-worker", recipe, kube, worker_resources(recipe, kube))
+    head = _head_template(recipe, kube, volumes, labels)
     worker_params = {"num-cpus": str(par.workers_per_node * par.cpus_per_worker)}
     if par.use_gpu:
         worker_params["num-gpus"] = str(par.workers_per_node)
@@ -154,12 +157,23 @@ def _cluster_spec(recipe: Recipe, kube: KubernetesConfig, volumes: list[dict], l
         "headGroupSpec": {"rayStartParams": {"num-cpus": "0"}, "template": head},
         "workerGroupSpecs": [{
             "groupName": "workers", "replicas": par.num_nodes, "minReplicas": par.num_nodes,
-            "maxReplicas": par.num_nodes, "rayStartParams": worker_params, "template": worker,
+            "maxReplicas": par.num_nodes, "rayStartParams": worker_params,
+            "template": _pod_template(kube, labels, volumes, container),
         }],
     }
 
 
-def worker_resources(recipe: Recipe, kube: KubernetesConfig) -> dict:
+def _head_template(recipe: Any, kube: Any, volumes: list[dict], labels: dict) -> dict:
+    """The driver's pod: on shutdown, preStop lets the driver checkpoint within its grace period."""
+    container = _container("ray-head", recipe, kube, _head_resources(kube))
+    container["lifecycle"] = {"preStop": {"exec": {"command": ["/bin/sh", "-c", PRESTOP_SCRIPT]}}}
+    template = _pod_template(kube, labels, volumes, container)
+    grace_s = math.ceil(recipe.fault_tolerance.preemption_grace_s) + SHUTDOWN_MARGIN_S
+    template["spec"]["terminationGracePeriodSeconds"] = grace_s
+    return template
+
+
+def worker_resources(recipe: Any, kube: Any) -> dict:
     """One worker pod per node: requests for all its workers; GPUs as limits (requests default to them)."""
     par = recipe.parallelism
     memory = _times(kube.memory_per_worker, par.workers_per_node)
@@ -170,12 +184,12 @@ def worker_resources(recipe: Recipe, kube: KubernetesConfig) -> dict:
     return resources
 
 
-def _head_resources(kube: KubernetesConfig) -> dict:
+def _head_resources(kube: Any) -> dict:
     cpu = str(int(kube.head_cpus)) if float(kube.head_cpus).is_integer() else f"{round(kube.head_cpus * 1000)}m"
     return {"requests": {"cpu": cpu, "memory": kube.head_memory}, "limits": {"memory": kube.head_memory}}
 
 
-def _container(name: str, recipe: Recipe, kube: KubernetesConfig, resources: dict) -> dict:
+def _container(name: str, recipe: Any, kube: Any, resources: dict) -> dict:
     mounts = shared_mounts(recipe) + [
         {"name": "recipe", "mountPath": RECIPE_DIR, "readOnly": True},
         {"name": "dshm", "mountPath": "/dev/shm"},
@@ -184,7 +198,7 @@ def _container(name: str, recipe: Recipe, kube: KubernetesConfig, resources: dic
             "volumeMounts": mounts}
 
 
-def _env(recipe: Recipe, kube: KubernetesConfig) -> list[dict]:
+def _env(recipe: Any, kube: Any) -> list[dict]:
     cache = Path(recipe.output_dir) / ".cache"
     env = [
         {"name": "TUNEFLEET_CACHE", "value": _literal(str(cache / "tunefleet"))},
@@ -197,7 +211,7 @@ def _env(recipe: Recipe, kube: KubernetesConfig) -> list[dict]:
     return env
 
 
-def shared_mounts(recipe: Recipe) -> list[dict]:
+def shared_mounts(recipe: Any) -> list[dict]:
     """The claim at `output_dir`, plus sub-folders of it for checkpoint/cache dirs that live elsewhere."""
     mounts = [{"name": "shared", "mountPath": recipe.output_dir}]
     elsewhere = {"checkpoint-dir": recipe.checkpoint_dir, "data-cache-dir": recipe.data.cache_dir}
@@ -207,7 +221,7 @@ def shared_mounts(recipe: Recipe) -> list[dict]:
     return mounts
 
 
-def _pod_template(kube: KubernetesConfig, labels: dict, volumes: list[dict], container: dict) -> dict:
+def _pod_template(kube: Any, labels: dict, volumes: list[dict], container: dict) -> dict:
     spec: dict = {"containers": [container], "volumes": volumes}
     if kube.service_account:
         spec["serviceAccountName"] = kube.service_account
@@ -220,7 +234,7 @@ def _pod_template(kube: KubernetesConfig, labels: dict, volumes: list[dict], con
     return {"metadata": {"labels": dict(labels)}, "spec": spec}
 
 
-def _volumes(kube: KubernetesConfig, claim: str, configmap: str) -> list[dict]:
+def _volumes(kube: Any, claim: str, configmap: str) -> list[dict]:
     shm = {"medium": "Memory", **({"sizeLimit": kube.shm_size} if kube.shm_size else {})}
     return [
         {"name": "shared", "persistentVolumeClaim": {"claimName": claim}},
@@ -243,16 +257,16 @@ def _times(quantity: str, count: int) -> str:
     return f"{Decimal(number) * count:f}{unit}"
 
 
-def image_paths(recipe: Recipe) -> list[str]:
+def image_paths(recipe: Any) -> list[str]:
     """Input files the pods read from the image (or a volume): submitting does not ship them."""
-    paths = [recipe.model.path] if recipe.model.is_local and not recipe.model.path.startswith(TINY_PREFIX) else []
+    paths = [recipe.model.path] if recipe.model.path.startswith("/") else []
     paths += [source.path for source in recipe.data.sources if source.path]
     if recipe.data.eval and recipe.data.eval.path:
         paths.append(recipe.data.eval.path)
     return paths
 
 
-def to_yaml(recipe: Recipe, objects: list[dict]) -> str:
+def to_yaml(recipe: Any, objects: list[dict]) -> str:
     """The manifests as one YAML stream, for `--dry-run` and `kubectl apply -f`."""
     header = [f"# tunefleet run {recipe.name}: KubeRay RayJob (ray.io/v1, KubeRay {KUBERAY_VERSION} or newer)"]
     if paths := image_paths(recipe):
@@ -290,7 +304,7 @@ def _clients():
         else:
             api = config.new_client_from_config(config_file=os.environ.get("KUBECONFIG"), persist_config=False)
     except config.ConfigException as exc:
-        raise UserError(f"no Kubernetes credentials ({exc}); set KUBECONFIG or run inside a cluster") from None
+        raise ClusterError(f"no Kubernetes credentials ({exc}); set KUBECONFIG or run inside a cluster") from None
     return client.CoreV1Api(api), client.CustomObjectsApi(api)
 
 
@@ -302,42 +316,66 @@ def _api_errors(what: str):
     try:
         yield
     except ApiException as exc:
-        raise UserError(f"{what}: Kubernetes API answered {exc.status} {exc.reason}: {_api_message(exc)}") from None
+        raise ClusterError(f"{what}: the Kubernetes API answered {exc.status} {exc.reason}: {_message(exc)}") from None
     except HTTPError as exc:
-        raise UserError(f"{what}: cannot reach the Kubernetes API server ({exc}); check KUBECONFIG") from None
+        raise ClusterError(f"{what}: cannot reach the Kubernetes API server ({exc}); check KUBECONFIG") from None
 
 
-def _api_message(exc) -> str:
+def _message(exc) -> str:
     try:
         return json.loads(exc.body).get("message", "")
     except (TypeError, ValueError, AttributeError):
         return str(exc.body or "")
 
 
-def _not_found(exc) -> bool:
-    return getattr(exc, "status", None) == 404
+def _status_of(exc) -> int | None:
+    return getattr(exc, "status", None)
 
 
-def submit(objects: list[dict]) -> str:
-    """Create the ConfigMap (replacing a stale one), the claim if missing, then the RayJob; return its id."""
-    from kubernetes.client.exceptions import ApiException
-
+def submit_manifests(objects: list[dict]) -> str:
+    """Create the ConfigMap (replacing a stale one), the claim if missing, then the RayJob; return
+    `<namespace>/<name>`. A finished RayJob of that name is replaced; a live one is refused, since two
+    runs must not write to one folder."""
     configmap, claim, job = objects
     namespace, name = job["metadata"]["namespace"], job["metadata"]["name"]
-    job_id = f"{JOB_PREFIX}{namespace}/{name}"
     core, custom = _clients()
-    with _api_errors(f"submitting {job_id}"):
-        try:
-            custom.get_namespaced_custom_object(GROUP, API_VERSION, namespace, PLURAL, name)
-            raise UserError(f"RayJob {namespace}/{name} already exists; `tunefleet cancel {job_id}` first "
-                            f"(the claim {claim['metadata']['name']} and its checkpoints stay), or rename the run")
-        except ApiException as exc:
-            if not _not_found(exc):
-                raise
+    with _api_errors(f"submitting RayJob {namespace}/{name}"):
+        _clear_finished(custom, namespace, name)
         _apply_configmap(core, namespace, configmap)
         _ensure_claim(core, namespace, claim)
         custom.create_namespaced_custom_object(GROUP, API_VERSION, namespace, PLURAL, job)
-    return job_id
+    return f"{namespace}/{name}"
+
+
+def _clear_finished(custom, namespace: str, name: str, timeout_s: float = 120, poll_s: float = 1) -> None:
+    from kubernetes import client
+
+    job = _get_or_none(custom, namespace, name)
+    if job is None:
+        return
+    state = (job.get("status") or {}).get("jobDeploymentStatus") or "New"
+    if state not in FINAL_STATES:
+        raise ClusterError(f"RayJob {namespace}/{name} is {state}; `tunefleet cancel {JOB_PREFIX}{namespace}/{name}` "
+                           "first (the claim keeps its checkpoints), or rename the run")
+    custom.delete_namespaced_custom_object(
+        GROUP, API_VERSION, namespace, PLURAL, name, body=client.V1DeleteOptions(propagation_policy="Foreground"))
+    deadline = time.monotonic() + timeout_s
+    while _get_or_none(custom, namespace, name) is not None:
+        if time.monotonic() > deadline:
+            raise ClusterError(f"the finished RayJob {namespace}/{name} is still being deleted after "
+                               f"{timeout_s:.0f}s; submit again in a moment")
+        time.sleep(poll_s)
+
+
+def _get_or_none(custom, namespace: str, name: str) -> dict | None:
+    from kubernetes.client.exceptions import ApiException
+
+    try:
+        return custom.get_namespaced_custom_object(GROUP, API_VERSION, namespace, PLURAL, name)
+    except ApiException as exc:
+        if _status_of(exc) != 404:
+            raise
+        return None
 
 
 def _apply_configmap(core, namespace: str, configmap: dict) -> None:
@@ -346,7 +384,7 @@ def _apply_configmap(core, namespace: str, configmap: dict) -> None:
     try:
         core.create_namespaced_config_map(namespace, configmap)
     except ApiException as exc:
-        if exc.status != 409:
+        if _status_of(exc) != 409:
             raise
         core.replace_namespaced_config_map(configmap["metadata"]["name"], namespace, configmap)
 
@@ -357,31 +395,25 @@ def _ensure_claim(core, namespace: str, claim: dict) -> None:
     try:
         core.read_namespaced_persistent_volume_claim(claim["metadata"]["name"], namespace)
     except ApiException as exc:
-        if not _not_found(exc):
+        if _status_of(exc) != 404:
             raise
         core.create_namespaced_persistent_volume_claim(namespace, claim)
 
 
-_STATES = {"Complete": "completed", "Failed": "failed", "Running": "running", "Retrying": "retrying",
-           "Suspended": "suspended", "Suspending": "suspended"}
-
-
-def status(job_id: str) -> dict:
-    """The RayJob's `.status`: KubeRay's jobDeploymentStatus/jobStatus and a backend-neutral `state`."""
+def status(job_id: str) -> JobStatus:
+    """KubeRay's view: `state` is the RayJob's jobDeploymentStatus; the Ray job's own status is the reason."""
     namespace, name = parse_job_id(job_id)
     _, custom = _clients()
-    job = _read_rayjob(custom, namespace, name)
-    st = job.get("status") or {}
-    deployment, ray_status = st.get("jobDeploymentStatus", ""), st.get("jobStatus", "")
-    state = _STATES.get(deployment, "pending")
-    if state == "completed" and ray_status in ("FAILED", "STOPPED"):
-        state = "failed"
-    return {
-        "job_id": job_id, "state": state, "job_status": ray_status, "deployment_status": deployment,
-        "ray_cluster": st.get("rayClusterName", ""), "message": st.get("message", ""),
-        "reason": st.get("reason", ""), "start_time": st.get("startTime"), "end_time": st.get("endTime"),
-        "attempts_failed": st.get("failed", 0),
-    }
+    st = _read_rayjob(custom, namespace, name).get("status") or {}
+    deployment = st.get("jobDeploymentStatus") or "New"
+    reason = "; ".join(part for part in (
+        f"Ray job {st['jobStatus']}" if st.get("jobStatus") else "", st.get("reason", ""), st.get("message", ""),
+    ) if part)
+    return JobStatus(
+        job_id=f"{JOB_PREFIX}{namespace}/{name}", name=name, state=deployment, reason=reason or None,
+        nodes=st.get("rayClusterName") or None, restarts=int(st.get("failed") or 0),
+        finished=deployment in FINAL_STATES,
+    )
 
 
 def _read_rayjob(custom, namespace: str, name: str) -> dict:
@@ -389,47 +421,69 @@ def _read_rayjob(custom, namespace: str, name: str) -> dict:
         return custom.get_namespaced_custom_object(GROUP, API_VERSION, namespace, PLURAL, name)
 
 
-def logs(job_id: str, follow: bool = False) -> Iterator[str]:
-    """The driver's output, as KubeRay's submitter pod streams it; the head pod's before that exists."""
+def logs(job_id: str, follow: bool) -> Iterator[str]:
+    """The driver's output as KubeRay's submitter pod streams it (the head pod's before that pod exists);
+    with `follow`, until the pod's container ends."""
     namespace, name = parse_job_id(job_id)
     core, custom = _clients()
-    with _api_errors(f"reading logs of {job_id}"):
+    with _api_errors(f"reading logs of RayJob {namespace}/{name}"):
         pod = _log_pod(core, custom, namespace, name)
         response = core.read_namespaced_pod_log(pod, namespace, follow=follow, _preload_content=False)
-    yield from _lines(response)
+    decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
+    try:
+        for chunk in response.stream(4096, decode_content=True):
+            if text := decoder.decode(chunk):
+                yield text
+        if tail := decoder.decode(b"", final=True):
+            yield tail
+    finally:
+        response.release_conn()
 
 
 def _log_pod(core, custom, namespace: str, name: str) -> str:
     pods = core.list_namespaced_pod(namespace, label_selector=f"job-name={name}").items
     if not pods:
-        cluster = ((_read_rayjob(custom, namespace, name).get("status") or {}).get("rayClusterName"))
+        cluster = (_read_rayjob(custom, namespace, name).get("status") or {}).get("rayClusterName")
         selector = f"ray.io/cluster={cluster},ray.io/node-type=head"
         pods = core.list_namespaced_pod(namespace, label_selector=selector).items if cluster else []
     if not pods:
-        raise UserError(f"RayJob {namespace}/{name} has no pod yet; `tunefleet status` shows what it waits for")
-    return max(pods, key=lambda pod: pod.metadata.creation_timestamp or 0).metadata.name
+        raise ClusterError(f"RayJob {namespace}/{name} has no pod yet; `tunefleet status` says what it waits for")
+    return max(pods, key=lambda pod: str(pod.metadata.creation_timestamp or "")).metadata.name
 
 
-def _lines(response) -> Iterator[str]:
-    buffer = b""
-    try:
-        for chunk in response.stream(4096, decode_content=True):
-            *complete, buffer = (buffer + chunk).split(b"\n")
-            yield from (line.decode(errors="replace") for line in complete)
-        if buffer:
-            yield buffer.decode(errors="replace")
-    finally:
-        response.release_conn()
-
-
-def cancel(job_id: str) -> None:
-    """Delete the RayJob; its Ray cluster and submitter go with it (foreground), pods shut down gracefully
-    (the head's preStop lets the driver checkpoint). The claim and its checkpoints stay."""
+def cancel(job_id: str) -> JobStatus:
+    """Delete a live RayJob: its Ray cluster and submitter go with it (foreground deletion) and the pods
+    stop gracefully (the head's preStop lets the driver checkpoint). The claim and its checkpoints stay;
+    a finished RayJob is left as it is (the next submit of the run replaces it)."""
     from kubernetes import client
 
+    current = status(job_id)
+    if current.finished:
+        return current
     namespace, name = parse_job_id(job_id)
     _, custom = _clients()
-    with _api_errors(f"cancelling {job_id}"):
+    with _api_errors(f"cancelling RayJob {namespace}/{name}"):
         custom.delete_namespaced_custom_object(
-            GROUP, API_VERSION, namespace, PLURAL, name, body=client.V1DeleteOptions(propagation_policy="Foreground")
-        )
+            GROUP, API_VERSION, namespace, PLURAL, name, body=client.V1DeleteOptions(propagation_policy="Foreground"))
+    return current
+
+
+class KubernetesBackend:
+    """`--to kubernetes`; `options` is the effective `cluster.kubernetes` (a KubernetesConfig)."""
+
+    name = "kubernetes"
+
+    def render(self, recipe: Any, recipe_path: str, overrides: Sequence[str], options: Any) -> str:
+        return to_yaml(recipe, manifests(recipe, options))
+
+    def submit(self, recipe: Any, recipe_path: str, overrides: Sequence[str], options: Any) -> str:
+        return submit_manifests(manifests(recipe, options))
+
+    def status(self, job_id: str) -> JobStatus:
+        return status(job_id)
+
+    def logs(self, job_id: str, follow: bool) -> Iterator[str]:
+        return logs(job_id, follow)
+
+    def cancel(self, job_id: str) -> JobStatus:
+        return cancel(job_id)

@@ -69,16 +69,30 @@ def plan(
     gpus_per_node: Annotated[int | None, typer.Option(help="Plan for GPUs: this many per node.")] = None,
     gpu_memory_gib: Annotated[float | None, typer.Option(help="Memory per GPU (default 80).")] = None,
     as_json: Annotated[bool, typer.Option("--json", help="Print the plan as JSON.")] = False,
+    measure_steps: Annotated[
+        int | None, typer.Option(help="Also run this many real steps on the cluster and forecast the run's time.")
+    ] = None,
+    address: Annotated[str | None, typer.Option(help="Ray cluster for --measure-steps.")] = None,
 ) -> None:
     """Per-device memory of every strategy for this recipe, and the one `strategy: auto` picks."""
     from tunefleet.launcher.planner import plan_command_output
 
     output = plan_command_output(load_recipe(recipe, overrides or []), num_nodes=num_nodes,
                                  gpus_per_node=gpus_per_node, gpu_memory_gib=gpu_memory_gib, as_json=as_json)
+    forecast = None
+    if measure_steps:
+        from tunefleet.launcher.forecast import measure
+
+        forecast = measure(recipe, overrides or [], measure_steps, address)
     if as_json:
-        sys.stdout.write(output + "\n")
-    else:
-        out.print(output)
+        data = json.loads(output)
+        sys.stdout.write(json.dumps({**data, "forecast": forecast} if forecast else data, indent=2) + "\n")
+        return
+    out.print(output)
+    if forecast:
+        out.print(f"forecast from {forecast['measured_steps']} measured steps: {forecast['step_time_s']} s/step, "
+                  f"{forecast['tokens_per_s']:,.0f} tokens/s; {forecast['tokens_to_train']:,} tokens to train; "
+                  f"about {forecast['forecast_total_s'] / 60:.1f} min including {forecast['startup_s']} s startup")
 
 
 @app.command()

@@ -103,3 +103,12 @@ def test_runs_lists_the_finished_run(full_run):
     assert result.returncode == 0, result.stderr
     line = next(line for line in result.stdout.splitlines() if "tiny-llama-full-ddp" in line)
     assert "finished" in line and f"{STEPS}/{STEPS}" in line and f"step_{STEPS}" in line
+
+
+def test_plan_measures_steps_and_forecasts(ray_cluster):
+    result = tunefleet("plan", FULL, "--measure-steps", "4", "--json", "--address", ray_cluster.address)
+    assert result.returncode == 0, result.stderr[-3000:]
+    forecast = json.loads(result.stdout[result.stdout.index("{"):])["forecast"]
+    assert forecast["measured_steps"] == 4
+    assert forecast["forecast_train_s"] == pytest.approx(forecast["step_time_s"] * 120, rel=1e-3)
+    assert forecast["tokens_to_train"] > 0

@@ -81,7 +81,8 @@ def main() -> None:
 def render(results: dict) -> str:
     lines = ["| checkpoint.every_steps | kill before step | recovery (s) | steps recomputed |", "|---|---|---|---|"]
     for r in results["recovery"]:
-        lines.append(f"| {r['every_steps']} | {r['killed_before_step']} | {r['recovery_s']} | {r['steps_recomputed']} |")
+        lines.append(f"| {r['every_steps']} | {r['killed_before_step']} | {r['recovery_s']} "
+                     f"| {r['steps_recomputed']} |")
     stall = results["stall"]
     lines += ["", "| checkpoint mode | median stall per checkpoint (s), per run |", "|---|---|",
               f"| sync | {', '.join(f'{s:.2f}' for s in stall['sync_s'])} |",

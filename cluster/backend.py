@@ -21,6 +21,7 @@ from typing import Any, Protocol
 # name -> "module:Class"; a new backend adds one line here.
 BACKENDS: dict[str, str] = {
     "slurm": "tunefleet.cluster.slurm:SlurmBackend",
+    "kubernetes": "tunefleet.cluster.kubernetes:KubernetesBackend",
 }
 DEFAULT_BACKEND = "slurm"  # what a bare job id (no `name:` prefix) refers to
 

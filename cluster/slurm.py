@@ -134,11 +134,13 @@ def _signal_grace_s(recipe: Any, options: Any) -> int:
 
 
 def log_pattern(output_dir: str) -> str:
-    """`--output` for the job: `%j` is the job id, so `%` in the folder is written `%%`."""
-    if "\\" in output_dir:
-        raise ClusterError(f"output_dir {output_dir!r} holds a backslash, which turns off Slurm's %j in "
-                           "--output; choose another folder")
-    return output_dir.replace("%", "%%") + "/slurm-%j.out"
+    """`--output` for the job, `%j` being the job id. A `%` or `\\` in the folder would be read as a
+    pattern (or turn patterns off), and scontrol then reports a wrong path: refuse them."""
+    odd = sorted({char for char in output_dir if char in "%\\"})
+    if odd:
+        raise ClusterError(f"output_dir {output_dir!r} holds {' and '.join(odd)}, which Slurm's --output reads "
+                           "as a file name pattern; choose a folder without them")
+    return output_dir + "/slurm-%j.out"
 
 
 def _bin_dir(options: Any) -> str:
@@ -180,7 +182,7 @@ def submit(recipe: Any, recipe_path: str, overrides: Sequence[str], options: Any
     path.write_text(script)
     result = _run("sbatch", "--parsable", str(path))
     if result.returncode != 0:
-        raise ClusterError(f"sbatch refused the job: {result.stderr.strip() or result.stdout.strip()}")
+        raise ClusterError(f"sbatch refused the job: {_last_line(result)}")
     return result.stdout.strip().split(";")[0]
 
 
@@ -234,7 +236,7 @@ def cancel(job_id: str) -> JobStatus:
     if not current.finished:
         result = _run("scancel", job_id)
         if result.returncode != 0:
-            raise ClusterError(f"scancel {job_id} failed: {result.stderr.strip()}")
+            raise ClusterError(f"scancel {job_id} failed: {_last_line(result)}")
     return current
 
 
@@ -264,7 +266,8 @@ def _scontrol_job(job_id: str) -> dict[str, str] | None:
     if result.returncode != 0:
         if "Invalid job id" in result.stderr:
             return None
-        raise ClusterError(f"scontrol show job {job_id} failed: {result.stderr.strip()}")
+        raise ClusterError(f"scontrol show job {job_id} failed ({_last_line(result)}); is this a login node "
+                           "of the cluster (slurm.conf or SLURM_CONF)?")
     lines = result.stdout.strip().splitlines()
     return parse_scontrol(lines[0]) if lines else None
 
@@ -278,6 +281,11 @@ def _sacct_job(job_id: str) -> dict[str, str] | None:
             if len(values) == len(_SACCT_FIELDS) and values[0] == job_id:
                 return dict(zip(_SACCT_FIELDS, values, strict=True))
     return None
+
+
+def _last_line(result: subprocess.CompletedProcess) -> str:
+    lines = (result.stderr.strip() or result.stdout.strip()).splitlines()
+    return lines[-1] if lines else f"exit code {result.returncode}"
 
 
 def _present(value: str | None) -> str | None:

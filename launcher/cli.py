@@ -13,6 +13,7 @@ from rich.table import Table
 
 from tunefleet.launcher.errors import RecipeError, TrainingFailed, UserError
 from tunefleet.launcher.recipe import Recipe, load_recipe, read_yaml
+from tunefleet.launcher.submit import cancel, logs, status, submit
 
 app = typer.Typer(
     name="tunefleet",
@@ -154,12 +155,16 @@ def schema() -> None:
     sys.stdout.write(json.dumps(Recipe.model_json_schema(), indent=2) + "\n")
 
 
+app.command()(submit)
+app.command()(status)
+app.command()(logs)
+app.command()(cancel)
+
+
 def main() -> None:
     import os
 
-    import torch
-
-    if not torch.cuda.is_available():
+    if not any(os.path.exists(dev) for dev in ("/dev/nvidiactl", "/dev/kfd")):
         os.environ.setdefault("DS_ACCELERATOR", "cpu")  # DeepSpeed otherwise warns on every import
     try:
         app()

@@ -166,7 +166,8 @@ class DataSource(Section):
     def _check(self) -> DataSource:
         if (self.path is None) == (self.dataset is None):
             raise ValueError("set exactly one of path (local files) and dataset (a Hugging Face dataset id)")
-        given = {n for n in set(_HUB_ONLY) & self.model_fields_set if getattr(self, n) != type(self).model_fields[n].default}
+        defaults = type(self).model_fields
+        given = {n for n in set(_HUB_ONLY) & self.model_fields_set if getattr(self, n) != defaults[n].default}
         if self.path is not None and (stray := sorted(given)):
             raise ValueError(f"{', '.join(stray)}: only used by `dataset` sources; remove")
         unknown = sorted(set(self.fields) - set(FORMAT_FIELDS[self.format]))
@@ -178,7 +179,7 @@ class DataSource(Section):
         return self
 
     @property
-    def label(self) -> str:
+    def display_name(self) -> str:
         """How errors and reports name this source."""
         return self.path or f"{self.dataset}[{self.split}]"
 
@@ -190,7 +191,9 @@ class EvalSplit(Section):
     fraction: float | None = Field(
         None, gt=0, lt=1, description="Hold out this fraction of every source's rows (seeded) instead of a file."
     )
-    max_rows: int | None = Field(None, ge=1, description="Evaluate on at most this many rows (pairs for DPO).")
+    max_rows: int | None = Field(
+        None, ge=1, description="Evaluate on at most this many rows (pairs for DPO, packed rows with packing)."
+    )
 
     @model_validator(mode="after")
     def _one_of(self) -> EvalSplit:
@@ -250,7 +253,8 @@ class DataConfig(Section):
         """Disagreements with `model.task` / `method.objective`, each starting with the key to change."""
         if task == "sequence_classification" and objective == "dpo":
             return ["method.objective: dpo trains causal language models; use sft"]
-        needed = "classification" if task == "sequence_classification" else "preference" if objective == "dpo" else "sft"
+        needed = ("classification" if task == "sequence_classification"
+                  else "preference" if objective == "dpo" else "sft")
         problems = []
         if self.kind != needed:
             problems.append(f"data.sources: model.task {task} with method.objective {objective} needs "

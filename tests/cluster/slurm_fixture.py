@@ -92,9 +92,10 @@ class SlurmCluster:
     def start(self, timeout_s: float = 60) -> SlurmCluster:
         try:
             self._write_files()
+            base = self.base
             self._spawn("munged", ["munged", "--foreground", "--force", f"--socket={self.munge_socket}",
-                                   f"--key-file={self.base / 'munge.key'}", f"--pid-file={self.base / 'munged.pid'}",
-                                   f"--log-file={self.base / 'munged.log'}", f"--seed-file={self.base / 'munged.seed'}"])
+                                   f"--key-file={base / 'munge.key'}", f"--pid-file={base / 'munged.pid'}",
+                                   f"--log-file={base / 'munged.log'}", f"--seed-file={base / 'munged.seed'}"])
             self._wait_for(lambda: Path(self.munge_socket).exists(), "munged socket", timeout_s)
             self._spawn("slurmctld", self.in_node(self.controller, ["slurmctld", "-D", "-i", "-f", str(self.conf)]))
             for node in self.nodes:
@@ -154,7 +155,7 @@ MpiDefault=none
 SchedulerParameters=sched_interval=2,bf_interval=1
 SlurmdParameters=config_overrides
 ReturnToService=2
-KillWait=5
+KillWait=30
 MinJobAge=600
 InactiveLimit=0
 {node_lines}PartitionName=debug Nodes=ALL Default=YES MaxTime=INFINITE State=UP
@@ -206,8 +207,9 @@ InactiveLimit=0
         return ["nsenter", f"--net=/run/netns/{self.controller.netns}", *cmd]
 
     def job_fields(self, job_id: str) -> dict[str, str]:
-        line = self.run("scontrol", "-o", "show", "job", job_id).stdout.strip()
-        return dict(item.split("=", 1) for item in line.split() if "=" in item)
+        from tunefleet.cluster.slurm import parse_scontrol  # values such as paths may hold spaces
+
+        return parse_scontrol(self.run("scontrol", "-o", "show", "job", job_id).stdout)
 
     def diagnostics(self) -> str:
         tails = []

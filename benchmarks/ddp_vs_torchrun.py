@@ -24,18 +24,24 @@ table and writes a JSON result.
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import os
 import platform
+import shutil
 import signal
 import statistics
 import subprocess
 import sys
 import tempfile
+import threading
 import time
+from collections import defaultdict
 from dataclasses import dataclass, field
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
+
+import numpy as np
 
 REPO = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent
@@ -44,17 +50,19 @@ FLOOR_SCRIPT = REPO / "benchmarks" / "torchrun_ddp.py"
 NUM_WORKERS = 2
 LOSS_TOLERANCE = 1e-4
 RUN_TIMEOUT_S = 1200
+CLOCK_TICKS = os.sysconf("SC_CLK_TCK")
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--model", default="tiny:llama-20m", help="model.path for both sides (tiny:<spec> or a folder).")
+    parser.add_argument("--model", default="tiny:llama-20m", help="model.path for both sides (tiny:<spec>, a folder).")
     parser.add_argument("--steps", type=int, default=40, help="Optimizer steps per run.")
     parser.add_argument("--pairs", type=int, default=3, help="A/B pairs to run (at least 3 for a median).")
     parser.add_argument("--micro-batch", type=int, default=8, help="Rows per worker per step (no accumulation).")
     parser.add_argument("--seq-len", type=int, default=128, help="data.max_seq_len: rows are cut to this.")
     parser.add_argument("--warmup", type=int, default=5, help="Steps left out of the steady-state medians.")
-    parser.add_argument("--out", default=str(REPO / "docs" / "benchmarks" / "ddp_vs_torchrun.json"), help="JSON result.")
+    parser.add_argument("--out", default=str(REPO / "docs" / "benchmarks" / "ddp_vs_torchrun.json"),
+                        help="JSON result.")
     parser.add_argument("--work-dir", default=None, help="Run folders and logs (default: a new temp folder).")
     args = parser.parse_args(argv)
     if args.steps <= args.warmup + 2:
@@ -67,7 +75,7 @@ def recipe_overrides(args: argparse.Namespace, output_dir: Path) -> list[str]:
     return [
         f"output_dir={output_dir}", f"model.path={args.model}", f"data.max_seq_len={args.seq_len}",
         f"train.max_steps={args.steps}", f"train.micro_batch_size={args.micro_batch}", "train.grad_accum_steps=1",
-        "train.eval_every_steps=null", "data.eval=null", "checkpoint.every_steps=null",
+        "train.eval_every_steps=null", "data.eval=null", "data.packing=false", "checkpoint.every_steps=null",
         "checkpoint.export_final=false", "logging.every_steps=1", "logging.wandb.mode=disabled",
         "parallelism.strategy=ddp", "parallelism.num_nodes=1", f"parallelism.workers_per_node={NUM_WORKERS}",
         "fault_tolerance.max_restarts=0",  # a crash must fail the run, not restart inside the timings
@@ -75,12 +83,36 @@ def recipe_overrides(args: argparse.Namespace, output_dir: Path) -> list[str]:
 
 
 # --------------------------------------------------------------------------- inputs
-def prepare_inputs(args: argparse.Namespace, work: Path):
+def freeze_code(work: Path) -> tuple[Path, str]:
+    """Copy the package and the tiny recipes into ``work``; this process and every run import the copy.
+
+    The working tree changes under a benchmark that runs for half an hour (other
+    engineers edit it); the copy keeps every run on the code of the moment the
+    benchmark began. Returns the copied recipe and a digest of the copied code.
+    """
+    root = work / "code"
+    for name in ("launcher", "strategies", "cluster"):
+        shutil.copytree(REPO / name, root / "tunefleet" / name, ignore=shutil.ignore_patterns("__pycache__"))
+    (root / "tunefleet" / "__init__.py").write_text("")
+    shutil.copytree(RECIPE.parent, root / "recipes" / RECIPE.parent.name)
+    sys.path.insert(0, str(root))  # before any `import tunefleet` here; PYTHONPATH for the runs
+    os.environ["PYTHONPATH"] = os.pathsep.join(filter(None, [str(root), os.environ.get("PYTHONPATH")]))
+    digest = hashlib.sha256()
+    for path in sorted((root / "tunefleet").rglob("*.py")):
+        digest.update(str(path.relative_to(root)).encode() + path.read_bytes())
+    return root / "recipes" / RECIPE.parent.name / RECIPE.name, digest.hexdigest()[:16]
+
+
+def prepare_inputs(args: argparse.Namespace, recipe_path: Path, work: Path):
     """Resolve the recipe, build the model folder and the token cache once, as the driver would."""
     from tunefleet.launcher import data, modeling
+    from tunefleet.launcher.errors import RecipeError
     from tunefleet.launcher.recipe import load_recipe
 
-    recipe = load_recipe(RECIPE, recipe_overrides(args, work / "resolve-only"))
+    try:
+        recipe = load_recipe(recipe_path, recipe_overrides(args, work / "resolve-only"))
+    except RecipeError as exc:
+        sys.exit(f"error: {exc}")
     train = recipe.train
     if train.schedule != "cosine" or train.min_lr_ratio != 0.0:
         sys.exit("the torchrun floor implements warm-up + cosine to 0 only; keep the recipe's schedule")
@@ -103,8 +135,84 @@ def floor_command(recipe, model_path: str, data_dir: str) -> list[str]:
     ]
 
 
-def tunefleet_command(args: argparse.Namespace, output_dir: Path) -> list[str]:
-    return [str(BIN / "tunefleet"), "launch", str(RECIPE), *(f"--set={o}" for o in recipe_overrides(args, output_dir))]
+def tunefleet_command(args: argparse.Namespace, recipe_path: Path, output_dir: Path) -> list[str]:
+    overrides = (f"--set={o}" for o in recipe_overrides(args, output_dir))
+    return [str(BIN / "tunefleet"), "launch", str(recipe_path), *overrides]
+
+
+# --------------------------------------------------------------------------- CPU accounting
+def process_table() -> dict[int, tuple[int, float]]:
+    """pid -> (parent pid, CPU seconds user + system) of every live process (Linux /proc)."""
+    table = {}
+    for name in os.listdir("/proc"):
+        if not name.isdigit():
+            continue
+        try:
+            stat = Path("/proc", name, "stat").read_text()
+        except OSError:
+            continue
+        fields = stat[stat.rfind(")") + 2:].split()  # fields from the 3rd on: state, ppid, ...
+        table[int(name)] = (int(fields[1]), (int(fields[11]) + int(fields[12])) / CLOCK_TICKS)
+    return table
+
+
+def descendants(table: dict[int, tuple[int, float]], root: int) -> set[int]:
+    children = defaultdict(list)
+    for pid, (parent, _) in table.items():
+        children[parent].append(pid)
+    found, todo = set(), [root]
+    while todo:
+        pid = todo.pop()
+        found.add(pid)
+        todo.extend(children[pid])
+    return found
+
+
+def process_role(pid: int) -> str:
+    """"rank" for a training process (Ray Train worker or a torchrun child), else "other"."""
+    try:
+        cmdline = Path("/proc", str(pid), "cmdline").read_bytes()
+    except OSError:
+        return "other"
+    is_floor_rank = FLOOR_SCRIPT.name.encode() in cmdline and b"bin/torchrun" not in cmdline
+    return "rank" if b"RayTrainWorker" in cmdline or is_floor_rank else "other"
+
+
+class TreeCpu(threading.Thread):
+    """Once a second, the CPU seconds of every process under ``root_pid``, with its role.
+
+    torchrun starts ranks in sessions of their own and Ray reparents nothing, so
+    the process tree (not the session) is what belongs to a run.
+    """
+
+    def __init__(self, root_pid: int, interval_s: float = 1.0):
+        super().__init__(daemon=True)
+        self.root_pid, self.interval_s = root_pid, interval_s
+        self.samples: list[tuple[float, dict[int, tuple[str, float]]]] = []
+        self._done = threading.Event()
+
+    def run(self) -> None:
+        while not self._done.wait(self.interval_s):
+            table = process_table()
+            tree = descendants(table, self.root_pid)
+            self.samples.append((time.time(), {pid: (process_role(pid), table[pid][1]) for pid in tree}))
+
+    def stop(self) -> list[tuple[float, dict[int, tuple[str, float]]]]:
+        self._done.set()
+        self.join()
+        return self.samples
+
+
+def window_cpu(samples: list, start: float, end: float) -> tuple[float, float, dict[str, float]] | None:
+    """(first, last sample time, CPU seconds by role between them) over samples inside [start, end]."""
+    inside = [sample for sample in samples if start <= sample[0] <= end]
+    if len(inside) < 2:
+        return None
+    (first_time, first), (last_time, last) = inside[0], inside[-1]
+    used = {"rank": 0.0, "other": 0.0}
+    for pid, (role, cpu_s) in last.items():
+        used[role] += cpu_s - first.get(pid, (role, 0.0))[1]
+    return first_time, last_time, used
 
 
 # --------------------------------------------------------------------------- runs
@@ -115,10 +223,11 @@ class Run:
     started: float  # unix seconds just before the subprocess was spawned
     wall_s: float  # the whole subprocess
     steps: list[dict] = field(default_factory=list)  # step, loss, num_input_tokens, step_time_s, time
+    cpu_samples: list = field(default_factory=list, repr=False)  # from TreeCpu
 
     def tokens_per_s(self, warmup: int) -> float:
         """Median over steady-state steps of tokens / (end of this step - end of the previous)."""
-        pairs = zip(self.steps[warmup:], self.steps[warmup + 1:])
+        pairs = zip(self.steps[warmup:-1], self.steps[warmup + 1:], strict=True)
         return statistics.median(b["num_input_tokens"] / (b["time"] - a["time"]) for a, b in pairs)
 
     def step_tokens_per_s(self, warmup: int) -> float:
@@ -128,10 +237,24 @@ class Run:
     def first_step_s(self) -> float:
         return self.steps[0]["time"] - self.started
 
+    def cpu_use(self, warmup: int) -> dict:
+        """Steady-state CPU: tokens per rank CPU-second (blind to how busy the machine is) and cores used."""
+        window = window_cpu(self.cpu_samples, self.steps[warmup]["time"], self.steps[-1]["time"])
+        if window is None:
+            return {"tokens_per_rank_cpu_s": None, "rank_cpu_cores": None, "other_cpu_cores": None}
+        first_time, last_time, used = window
+        times = [s["time"] for s in self.steps]
+        seen = np.cumsum([s["num_input_tokens"] for s in self.steps])
+        tokens = float(np.interp(last_time, times, seen) - np.interp(first_time, times, seen))
+        span_s = last_time - first_time
+        return {"tokens_per_rank_cpu_s": tokens / used["rank"], "rank_cpu_cores": used["rank"] / span_s,
+                "other_cpu_cores": used["other"] / span_s}
+
     def summary(self, warmup: int) -> dict:
         return {"kind": self.kind, "pair": self.pair, "tokens_per_s": self.tokens_per_s(warmup),
                 "step_tokens_per_s": self.step_tokens_per_s(warmup), "first_step_s": self.first_step_s,
-                "wall_s": self.wall_s, "loss_step_1": self.steps[0]["loss"], "loss_last": self.steps[-1]["loss"]}
+                "wall_s": self.wall_s, **self.cpu_use(warmup),
+                "loss_step_1": self.steps[0]["loss"], "loss_last": self.steps[-1]["loss"]}
 
 
 def subprocess_env() -> dict[str, str]:
@@ -141,27 +264,34 @@ def subprocess_env() -> dict[str, str]:
     return env
 
 
-def run_logged(command: list[str], log_path: Path) -> tuple[float, float]:
-    """Run to completion with output in ``log_path``; (unix start, wall seconds). Kills only its own group."""
+def run_logged(command: list[str], log_path: Path) -> tuple[float, float, list]:
+    """Run to completion with output in ``log_path``; (unix start, wall seconds, CPU samples).
+
+    On a timeout or Ctrl-C it kills only the process group it started.
+    """
     started = time.time()
     with log_path.open("w") as log:
         proc = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, env=subprocess_env(),
                                 cwd=REPO, start_new_session=True)
+        sampler = TreeCpu(proc.pid)
+        sampler.start()
         try:
             code = proc.wait(timeout=RUN_TIMEOUT_S)
         except BaseException:
             os.killpg(proc.pid, signal.SIGKILL)
             proc.wait()
             raise
+        finally:
+            samples = sampler.stop()
     if code != 0:
         sys.exit(f"{Path(command[0]).name} exited {code}; see {log_path}")
-    return started, time.time() - started
+    return started, time.time() - started, samples
 
 
-def run_tunefleet(args: argparse.Namespace, pair: int, work: Path) -> Run:
+def run_tunefleet(args: argparse.Namespace, recipe_path: Path, pair: int, work: Path) -> Run:
     output_dir = work / f"tunefleet-{pair}"
     log_path = work / f"tunefleet-{pair}.log"
-    started, wall_s = run_logged(tunefleet_command(args, output_dir), log_path)
+    started, wall_s, cpu_samples = run_logged(tunefleet_command(args, recipe_path, output_dir), log_path)
     if "Connecting to existing Ray cluster" in log_path.read_text():
         sys.exit(f"run A joined a running Ray cluster instead of an embedded one; see {log_path}")
     rows = [json.loads(line) for line in (output_dir / "metrics.jsonl").read_text().splitlines()]
@@ -169,28 +299,30 @@ def run_tunefleet(args: argparse.Namespace, pair: int, work: Path) -> Run:
     previous_seen = 0
     for row in rows:  # tokens of this step = growth of the running total
         row["num_input_tokens"], previous_seen = row["tokens_seen"] - previous_seen, row["tokens_seen"]
-    return Run("tunefleet", pair, started, wall_s, rows)
+    return Run("tunefleet", pair, started, wall_s, rows, cpu_samples)
 
 
 def run_floor(floor: list[str], pair: int, work: Path) -> Run:
     out = work / f"torchrun-{pair}.jsonl"
-    started, wall_s = run_logged([*floor, "--out", str(out)], work / f"torchrun-{pair}.log")
+    started, wall_s, cpu_samples = run_logged([*floor, "--out", str(out)], work / f"torchrun-{pair}.log")
     rows = [json.loads(line) for line in out.read_text().splitlines()]
-    return Run("torchrun", pair, started, wall_s, rows)
+    return Run("torchrun", pair, started, wall_s, rows, cpu_samples)
 
 
 # --------------------------------------------------------------------------- results
 def check_same_work(runs: list[Run]) -> dict:
     """Every run must see the same tokens at every step; step-1 losses must agree."""
     tokens = [[s["num_input_tokens"] for s in run.steps] for run in runs]
-    first_losses = {kind: [run.steps[0]["loss"] for run in runs if run.kind == kind] for kind in ("tunefleet", "torchrun")}
+    kinds = ("tunefleet", "torchrun")
+    first_losses = {kind: [run.steps[0]["loss"] for run in runs if run.kind == kind] for kind in kinds}
     loss_diff = max(abs(run.steps[0]["loss"] - runs[0].steps[0]["loss"]) for run in runs)
     last_diff = max(abs(run.steps[-1]["loss"] - runs[0].steps[-1]["loss"]) for run in runs)
     return {
         "same_tokens_per_step": all(t == tokens[0] for t in tokens),
         "tokens_per_step": {"min": min(tokens[0]), "median": statistics.median(tokens[0]), "max": max(tokens[0]),
                             "total": sum(tokens[0])},
-        "tokens_per_step_by_kind": {kind: statistics.median(t) for kind, t in zip(("tunefleet", "torchrun"), tokens)},
+        "tokens_per_step_by_kind": {kind: statistics.median(next(t for run, t in zip(runs, tokens, strict=True)
+                                                                 if run.kind == kind)) for kind in kinds},
         "loss_step_1": first_losses,
         "max_loss_step_1_diff": loss_diff,
         "max_loss_last_step_diff": last_diff,
@@ -198,39 +330,61 @@ def check_same_work(runs: list[Run]) -> dict:
     }
 
 
+METRICS = (  # (key, label, format) in the order of the table
+    ("tokens_per_s", "tokens/s, wall clock (median of steady-state steps)", "{:,.0f}"),
+    ("step_tokens_per_s", "tokens/s, step timer only", "{:,.0f}"),
+    ("tokens_per_rank_cpu_s", "tokens per CPU-second of the 2 ranks", "{:,.1f}"),
+    ("first_step_s", "time to first optimizer step (s)", "{:.1f}"),
+    ("wall_s", "whole run, wall (s)", "{:.1f}"),
+    ("rank_cpu_cores", "CPU cores the ranks got (of 2)", "{:.2f}"),
+    ("other_cpu_cores", "CPU cores used by the rest of the run's processes", "{:.3f}"),
+)
+
+
+def _median(values: list) -> float | None:
+    values = [v for v in values if v is not None]
+    return statistics.median(values) if values else None
+
+
+def _ratio(a: float | None, b: float | None) -> float | None:
+    return a / b if a is not None and b else None
+
+
 def summarize(runs: list[Run], warmup: int) -> dict:
     per_run = [run.summary(warmup) for run in runs]
-    metrics = ("tokens_per_s", "step_tokens_per_s", "first_step_s", "wall_s")
-    medians = {kind: {m: statistics.median(r[m] for r in per_run if r["kind"] == kind) for m in metrics}
-               for kind in ("tunefleet", "torchrun")}
+    kinds = ("tunefleet", "torchrun")
+    medians = {kind: {key: _median([r[key] for r in per_run if r["kind"] == kind]) for key, _, _ in METRICS}
+               for kind in kinds}
     by_pair = {(r["pair"], r["kind"]): r for r in per_run}
     pairs = sorted({r["pair"] for r in per_run})
+    pair_ratios = {key: [_ratio(by_pair[p, "tunefleet"][key], by_pair[p, "torchrun"][key]) for p in pairs]
+                   for key in ("tokens_per_s", "tokens_per_rank_cpu_s", "first_step_s")}
     return {
         "medians": medians,
-        "ratio_tunefleet_over_torchrun": {m: medians["tunefleet"][m] / medians["torchrun"][m] for m in metrics},
-        "pair_ratios_tokens_per_s": [by_pair[p, "tunefleet"]["tokens_per_s"] / by_pair[p, "torchrun"]["tokens_per_s"]
-                                     for p in pairs],
+        "ratio_tunefleet_over_torchrun": {key: _ratio(medians["tunefleet"][key], medians["torchrun"][key])
+                                          for key, _, _ in METRICS},
+        "pair_ratios": pair_ratios,
         "runs": per_run,
     }
 
 
-def markdown_table(summary: dict, checks: dict, warmup: int) -> str:
+def _cell(fmt: str, value: float | None) -> str:
+    return "n/a" if value is None else fmt.format(value)
+
+
+def markdown_table(summary: dict, checks: dict) -> str:
     med, ratio = summary["medians"], summary["ratio_tunefleet_over_torchrun"]
-    rows = [
-        (f"tokens/s, wall clock (median, steps > {warmup})", "tokens_per_s", "{:,.0f}"),
-        ("tokens/s, step timer only", "step_tokens_per_s", "{:,.0f}"),
-        ("time to first optimizer step (s)", "first_step_s", "{:.1f}"),
-        ("whole run, wall (s)", "wall_s", "{:.1f}"),
-    ]
-    lines = ["| metric | tunefleet | torchrun | tunefleet / torchrun |", "|---|---:|---:|---:|"]
-    for label, key, fmt in rows:
-        lines.append(f"| {label} | {fmt.format(med['tunefleet'][key])} | {fmt.format(med['torchrun'][key])} "
-                     f"| {ratio[key]:.3f} |")
-    pair_ratios = ", ".join(f"{r:.3f}" for r in summary["pair_ratios_tokens_per_s"])
+    lines = ["| metric (median over runs) | tunefleet | torchrun | tunefleet / torchrun |", "|---|---:|---:|---:|"]
+    for key, label, fmt in METRICS:
+        lines.append(f"| {label} | {_cell(fmt, med['tunefleet'][key])} | {_cell(fmt, med['torchrun'][key])} "
+                     f"| {_cell('{:.3f}', ratio[key])} |")
     tokens = checks["tokens_per_step"]
-    lines += ["", f"per-pair tokens/s ratios: {pair_ratios}",
-              f"tokens/step (global, non-pad): same on both sides = {checks['same_tokens_per_step']}; "
-              f"by side {checks['tokens_per_step_by_kind']}; min/median/max {tokens['min']}/{tokens['median']}/{tokens['max']}",
+    lines.append("")
+    for key, values in summary["pair_ratios"].items():
+        lines.append(f"per-pair ratio {key}: " + ", ".join(_cell("{:.3f}", v) for v in values))
+    lines += [f"tokens/step (global, non-pad): identical at every step on both sides = "
+              f"{checks['same_tokens_per_step']}; median {checks['tokens_per_step_by_kind']}; "
+              f"min/median/max {tokens['min']}/{tokens['median']}/{tokens['max']}",
               f"loss at step 1: {checks['loss_step_1']} (max diff {checks['max_loss_step_1_diff']:.2e}); "
               f"max diff at the last step {checks['max_loss_last_step_diff']:.2e}"]
     return "\n".join(lines)
@@ -241,21 +395,25 @@ def environment() -> dict:
     import torch
     import transformers
 
-    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=REPO, capture_output=True, text=True)
-    return {"date": datetime.now(timezone.utc).isoformat(timespec="seconds"), "cpu_count": os.cpu_count(),
+    def git(*args: str) -> str:
+        return subprocess.run(["git", *args], cwd=REPO, capture_output=True, text=True).stdout
+
+    return {"date": datetime.now(UTC).isoformat(timespec="seconds"), "cpu_count": os.cpu_count(),
             "platform": platform.platform(), "python": platform.python_version(), "torch": torch.__version__,
-            "ray": ray.__version__, "transformers": transformers.__version__, "git_commit": commit.stdout.strip(),
+            "ray": ray.__version__, "transformers": transformers.__version__, "git_commit": git("rev-parse", "HEAD").strip(),
+            # The code under test is the working tree when the benchmark began (see freeze_code).
+            "uncommitted_loop_files": git("status", "--porcelain", "launcher", "strategies").splitlines(),
             "load_avg_1m_at_start": os.getloadavg()[0]}
 
 
 # --------------------------------------------------------------------------- main
-def run_pairs(args: argparse.Namespace, work: Path) -> list[Run]:
-    recipe, model_path, data_dir = prepare_inputs(args, work)
+def run_pairs(args: argparse.Namespace, recipe_path: Path, work: Path) -> list[Run]:
+    recipe, model_path, data_dir = prepare_inputs(args, recipe_path, work)
     floor = floor_command(recipe, model_path, data_dir)
     print(f"model {model_path}\ndata  {data_dir}\nwork  {work}", flush=True)
     runs: list[Run] = []
     for pair in range(args.pairs):  # A B A B ...: drift in machine load hits both sides alike
-        runs.append(run_tunefleet(args, pair, work))
+        runs.append(run_tunefleet(args, recipe_path, pair, work))
         print_run(runs[-1], args.warmup)
         runs.append(run_floor(floor, pair, work))
         print_run(runs[-1], args.warmup)
@@ -263,7 +421,10 @@ def run_pairs(args: argparse.Namespace, work: Path) -> list[Run]:
 
 
 def print_run(run: Run, warmup: int) -> None:
-    print(f"pair {run.pair} {run.kind:9s} tokens/s {run.tokens_per_s(warmup):8,.0f}  "
+    cpu = run.cpu_use(warmup)
+    print(f"pair {run.pair} {run.kind:9s} tokens/s {run.tokens_per_s(warmup):6,.0f}  "
+          f"tokens/rank-CPU-s {_cell('{:6,.1f}', cpu['tokens_per_rank_cpu_s'])}  "
+          f"rank cores {_cell('{:.2f}', cpu['rank_cpu_cores'])}  "
           f"first step {run.first_step_s:5.1f} s  wall {run.wall_s:5.1f} s", flush=True)
 
 
@@ -272,7 +433,8 @@ def main(argv: list[str] | None = None) -> None:
     work = Path(args.work_dir or tempfile.mkdtemp(prefix="tf-bench-"))
     work.mkdir(parents=True, exist_ok=True)
     env = environment()
-    runs = run_pairs(args, work)
+    recipe_path, env["code_sha256"] = freeze_code(work)
+    runs = run_pairs(args, recipe_path, work)
     checks = check_same_work(runs)
     summary = summarize(runs, args.warmup)
     env["load_avg_1m_at_end"] = os.getloadavg()[0]
@@ -281,7 +443,7 @@ def main(argv: list[str] | None = None) -> None:
               "environment": env, "checks": checks, **summary}
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(result, indent=2) + "\n")
-    print("\n" + markdown_table(summary, checks, args.warmup) + f"\n\nwrote {args.out}")
+    print("\n" + markdown_table(summary, checks) + f"\n\nwrote {args.out}")
     if not (checks["same_tokens_per_step"] and checks["loss_step_1_ok"]):
         sys.exit("the two sides did not do the same work (see the checks above)")
 

@@ -69,6 +69,10 @@ class TokenRows:
 
     def __init__(self, data_dir: str):
         folder = Path(data_dir) / "train"
+        layout = json.loads((folder / "split.json").read_text()) if (folder / "split.json").is_file() else {}
+        if (folder / "position_ids.npy").is_file() or layout.get("rows_per_example", 1) != 1:
+            raise SystemExit(f"{folder}: packed rows or preference pairs; this loop trains plain rows only "
+                             "(data.packing=false and an instruction/chat/text format)")
         self.input_ids = np.load(folder / "input_ids.npy", mmap_mode="r")
         self.labels = np.load(folder / "labels.npy", mmap_mode="r")
         self.offsets = np.load(folder / "offsets.npy")
@@ -169,7 +173,8 @@ def with_global_losses(rows: list[dict], local_losses: list[float]) -> list[dict
     """One all-reduce after the loop turns per-rank loss sums into global token means."""
     sums = torch.tensor(local_losses, dtype=torch.float64)
     dist.all_reduce(sums)
-    return [{**row, "loss": float(total) / max(row["num_targets"], 1)} for row, total in zip(rows, sums.tolist())]
+    totals = sums.tolist()
+    return [{**row, "loss": total / max(row["num_targets"], 1)} for row, total in zip(rows, totals, strict=True)]
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -66,13 +66,9 @@ class TokenizedSplit:
 
     def take(self, examples) -> TokenizedSplit:
         """A new split holding these examples (rows copied, pairs kept together)."""
-        rows = np.asarray([int(e) * self.rows_per_example + j for e in examples for j in range(self.rows_per_example)],
-                          dtype=np.int64)
-        lengths = np.diff(self.offsets)[rows] if len(rows) else np.zeros(0, np.int64)
-        offsets = np.zeros(len(rows) + 1, dtype=np.int64)
-        np.cumsum(lengths, out=offsets[1:])
-        token_index = np.concatenate([np.arange(self.offsets[r], self.offsets[r + 1]) for r in rows] or [[]])
-        token_index = token_index.astype(np.int64)
+        k = self.rows_per_example
+        rows = (np.asarray(examples, dtype=np.int64)[:, None] * k + np.arange(k)).reshape(-1)
+        token_index, offsets = gather_rows(self.offsets, rows)
 
         def gather(array):
             return None if array is None else np.asarray(array)[token_index]
@@ -95,6 +91,16 @@ class TokenizedSplit:
         arrays = {name: np.load(folder / f"{name}.npy", mmap_mode="r") if (folder / f"{name}.npy").is_file()
                   else None for name in _ARRAYS}
         return cls(**arrays, **json.loads((folder / "split.json").read_text()))
+
+
+def gather_rows(offsets: np.ndarray, rows: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """(token indices, new offsets) that lay ``rows`` out one after another."""
+    offsets = np.asarray(offsets)
+    lengths = offsets[rows + 1] - offsets[rows]
+    new_offsets = np.zeros(len(rows) + 1, dtype=np.int64)
+    np.cumsum(lengths, out=new_offsets[1:])
+    shift = np.repeat(offsets[rows] - new_offsets[:-1], lengths)
+    return np.arange(new_offsets[-1], dtype=np.int64) + shift, new_offsets
 
 
 def concat(splits: list[TokenizedSplit]) -> TokenizedSplit:

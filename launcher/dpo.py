@@ -99,10 +99,9 @@ def _all_reduce_sum(values: torch.Tensor) -> torch.Tensor:
 
 def _count(micro_batches: list[dict[str, torch.Tensor]], device: torch.device) -> tuple[int, int, int]:
     """Global (pairs, target tokens, non-pad input tokens) of this step's batches."""
-    local = torch.tensor([
-        [mb["input_ids"].shape[0] // 2, int((mb["labels"][:, 1:] != IGNORE_INDEX).sum()), int(mb["attention_mask"].sum())]
-        for mb in micro_batches
-    ], dtype=torch.float64, device=device).sum(0)
+    local = torch.tensor([[
+        mb["input_ids"].shape[0] // 2, int((mb["labels"][:, 1:] != IGNORE_INDEX).sum()), int(mb["attention_mask"].sum())
+    ] for mb in micro_batches], dtype=torch.float64, device=device).sum(0)
     pairs, targets, inputs = _all_reduce_sum(local).tolist()
     return int(pairs), int(targets), int(inputs)
 
@@ -120,7 +119,8 @@ def dpo_step(strategy: Strategy, reference: torch.nn.Module | None, micro_batche
         batch = {k: v.to(device, non_blocking=True) for k, v in batch.items()}
         reference_side = reference_logps(strategy, reference, batch)
         with strategy.no_sync(index < len(micro_batches) - 1):
-            micro_loss, micro_stats = pair_statistics(sequence_logps(strategy.model, batch), reference_side, batch, beta)
+            policy_side = sequence_logps(strategy.model, batch)
+            micro_loss, micro_stats = pair_statistics(policy_side, reference_side, batch, beta)
             strategy.backward(micro_loss * scale)
         loss_sum += micro_loss.detach().double()
         stats += micro_stats
@@ -147,8 +147,8 @@ def dpo_evaluate(strategy: Strategy, reference: torch.nn.Module | None, batches:
     totals = torch.zeros(6, dtype=torch.float64, device=device)
     for batch in batches:
         batch = {k: v.to(device) for k, v in batch.items()}
-        loss, stats = pair_statistics(sequence_logps(strategy.model, batch), reference_logps(strategy, reference, batch),
-                                      batch, beta)
+        policy_side, reference_side = sequence_logps(strategy.model, batch), reference_logps(strategy, reference, batch)
+        loss, stats = pair_statistics(policy_side, reference_side, batch, beta)
         totals += torch.cat([loss.double().view(1), stats])
     result = _result(_all_reduce_sum(totals).tolist(), 0, 0, None)
     return {"eval_loss": result.loss, "eval_reward_accuracy": result.reward_accuracy,

@@ -87,7 +87,7 @@ class RowFormatter:
     def _messages(self, value: Any, field: str, where: str) -> list[dict[str, str]]:
         if not isinstance(value, list) or not value:
             raise BadRow(f"{where}: field `{field}` must be a non-empty list of messages")
-        role_key, content_key = self.names["role"], self.names["content"]
+        role_key = self.names["role"]
         messages = []
         for i, message in enumerate(value):
             raw = message.get(role_key) if isinstance(message, dict) else None
@@ -124,15 +124,16 @@ class RowFormatter:
         text = self._text(row, "text", where)
         name = self.names["label"]
         label = row.get(name)
-        if isinstance(label, str) and label in self.label_ids:
-            return text, self.label_ids[label]
-        if isinstance(label, str) and label.isdigit() and not self.label_ids:
-            label = int(label)  # CSV cells are strings
-        if isinstance(label, int) and not isinstance(label, bool) and 0 <= label < (len(self.label_ids) or label + 1):
+        if label is None:
+            raise BadRow(f"{where}: field `{name}` missing")
+        if isinstance(label, str):
+            label = self.label_ids.get(label, int(label) if label.isdigit() else label)  # CSV cells are strings
+        num_labels = len(self.label_ids) or None
+        if isinstance(label, int) and not isinstance(label, bool) and 0 <= label < (num_labels or label + 1):
             return text, label
-        known = f"one of {', '.join(self.label_ids)} (data.labels) or its index" if self.label_ids else \
-            "a class index >= 0, or a name listed in data.labels"
-        raise BadRow(f"{where}: field `{name}` is {label!r}; expected {known}")
+        expected = (f"one of {', '.join(self.label_ids)} (data.labels) or an index below {num_labels}" if num_labels
+                    else "a class index >= 0 (set data.labels to use names)")
+        raise BadRow(f"{where}: field `{name}` is {row.get(name)!r}; expected {expected}")
 
     def _preference_row(self, row: dict, where: str) -> Pair:
         prompt = row.get(self.names["prompt"])

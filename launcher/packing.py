@@ -17,7 +17,7 @@ import bisect
 
 import numpy as np
 
-from tunefleet.launcher.data import IGNORE_INDEX, TokenizedSplit
+from tunefleet.launcher.data import IGNORE_INDEX, TokenizedSplit, gather_rows
 
 
 def best_fit_decreasing(lengths: np.ndarray, capacity: int) -> list[list[int]]:
@@ -42,12 +42,10 @@ def best_fit_decreasing(lengths: np.ndarray, capacity: int) -> list[list[int]]:
 def pack(split: TokenizedSplit, max_seq_len: int) -> TokenizedSplit:
     """A split whose rows are packs of ``split``'s rows, with restarting ``position_ids``."""
     assert split.rows_per_example == 1 and split.class_labels is None, "only sft rows are packed"
-    offsets = np.asarray(split.offsets)
-    lengths = np.diff(offsets)
+    lengths = np.diff(np.asarray(split.offsets))
     groups = best_fit_decreasing(lengths, max_seq_len)
-    order = [row for group in groups for row in group]
-    token_index = np.concatenate([np.arange(offsets[r], offsets[r + 1]) for r in order]).astype(np.int64)
-    positions = np.concatenate([np.arange(lengths[r]) for r in order]).astype(np.int32)
+    token_index, doc_offsets = gather_rows(split.offsets, np.asarray([r for g in groups for r in g], np.int64))
+    positions = (np.arange(len(token_index)) - np.repeat(doc_offsets[:-1], np.diff(doc_offsets))).astype(np.int32)
     labels = np.asarray(split.labels)[token_index]
     labels[positions == 0] = IGNORE_INDEX
     packed_lengths = [int(lengths[group].sum()) for group in groups]

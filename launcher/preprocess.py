@@ -75,14 +75,16 @@ def encode_chunk(formatter: RowFormatter, cfg: DataConfig, chunk: list[Located])
             counts.skip_examples = (counts.skip_examples + [str(exc)])[:_NUM_SKIP_EXAMPLES]
     groups = [[ex.prompt + ex.chosen, ex.prompt + ex.rejected] if isinstance(ex, Pair) else [ex] for ex in examples]
     encoded = iter(_encode([seq for group in groups for seq in group], formatter.tokenizer, cfg))
-    rows, classes = [], []
-    for example, group in zip(examples, groups):
+    rows, classes = [], [] if cfg.kind == "classification" else None
+    for example, group in zip(examples, groups, strict=True):
         fitted = _fit([next(encoded) for _ in group], cfg, counts)
         if fitted is not None:
             rows.extend(fitted)
-            classes.append(example[1] if cfg.kind == "classification" else 0)
-    counts.kept = len(rows) // len(groups[0]) if groups else 0
-    return _to_split(rows, classes if cfg.kind == "classification" else None, 2 if cfg.kind == "preference" else 1), counts
+            if classes is not None:
+                classes.append(example[1])
+    rows_per_example = 2 if cfg.kind == "preference" else 1
+    counts.kept = len(rows) // rows_per_example
+    return _to_split(rows, classes, rows_per_example), counts
 
 
 def _encode(sequences: list, tokenizer, cfg: DataConfig) -> list[tuple[list[int], list[int] | None]]:
@@ -143,14 +145,19 @@ def _encode_in_worker(chunk: list[Located]) -> tuple[TokenizedSplit, Counts]:
 
 
 def encode_source(source: DataSource, cfg: DataConfig, tokenizer) -> tuple[TokenizedSplit, Counts]:
-    """Every row of one source, tokenized (in ``data.num_proc`` processes for more than one chunk)."""
+    """Every row of one source, tokenized (in ``data.num_proc`` processes for more than one chunk).
+
+    The processes are forked: they start at once and inherit the formatter, where
+    spawned ones re-import torch and transformers first (tens of seconds on a
+    busy machine); they only format and tokenize, never touching Ray or torch.
+    """
     formatter = RowFormatter(source, cfg, tokenizer)
     located = list(read_source(source))
     chunks = [located[i : i + CHUNK_ROWS] for i in range(0, len(located), CHUNK_ROWS)] or [[]]
     if cfg.num_proc == 1 or len(chunks) == 1:
         parts = [encode_chunk(formatter, cfg, chunk) for chunk in chunks]
     else:
-        with ProcessPoolExecutor(min(cfg.num_proc, len(chunks)), mp_context=multiprocessing.get_context("spawn"),
+        with ProcessPoolExecutor(min(cfg.num_proc, len(chunks)), mp_context=multiprocessing.get_context("fork"),
                                  initializer=_init_worker, initargs=(formatter, cfg)) as pool:
             parts = list(pool.map(_encode_in_worker, chunks))
     counts = Counts()
@@ -186,14 +193,15 @@ def build_splits(cfg: DataConfig, tokenizer, seed: int) -> tuple[TokenizedSplit,
     elif cfg.eval and cfg.eval.fraction:
         held = [_hold_out(split, cfg.eval.fraction, [seed, i]) for i, split in enumerate(parts)]
         parts, evaluation = [t for t, _ in held], concat([e for _, e in held])
-    mixed = [_mix(split, source.weight, [seed, i]) for i, (split, source) in enumerate(zip(parts, cfg.sources))]
+    mixed = [_mix(split, source.weight, [seed, i])
+             for i, (split, source) in enumerate(zip(parts, cfg.sources, strict=True))]
     train = concat(mixed)
     _check_not_empty(cfg, train, evaluation, encoded)
     if cfg.packing:
         train = pack(train, cfg.max_seq_len)
         evaluation = pack(evaluation, cfg.max_seq_len) if evaluation is not None else None
-    sources = [{"source": s.label, **asdict(c), "epoch_rows": m.num_examples}
-               for s, (_, c), m in zip(cfg.sources, encoded, mixed)]
+    sources = [{"source": s.display_name, **asdict(c), "epoch_rows": m.num_examples}
+               for s, (_, c), m in zip(cfg.sources, encoded, mixed, strict=True)]
     if eval_counts is not None:
         sources.append({"source": f"{cfg.eval.path} (eval)", **asdict(eval_counts), "epoch_rows": 0})
     return train, evaluation, _meta(cfg, train, evaluation, sources, sum(m.num_examples for m in mixed))
@@ -201,8 +209,8 @@ def build_splits(cfg: DataConfig, tokenizer, seed: int) -> tuple[TokenizedSplit,
 
 def _check_not_empty(cfg: DataConfig, train: TokenizedSplit, evaluation, encoded) -> None:
     if train.num_examples == 0:
-        counts = "; ".join(f"{s.label}: {c.read} read, {c.skipped} skipped, {c.dropped} dropped"
-                           for s, (_, c) in zip(cfg.sources, encoded))
+        counts = "; ".join(f"{s.display_name}: {c.read} read, {c.skipped} skipped, {c.dropped} dropped"
+                           for s, (_, c) in zip(cfg.sources, encoded, strict=True))
         raise DataError(f"no training rows are left ({counts}); add data or check data.max_seq_len, "
                         "data.overlong and data.on_bad_row")
     if evaluation is not None and evaluation.num_examples == 0:
@@ -287,7 +295,8 @@ def prepare_on_ray(cfg: DataConfig, tokenizer_dir: str, seed: int) -> Path:
     if (target / "meta.json").is_file():
         return target
     here = NodeAffinitySchedulingStrategy(ray.get_runtime_context().get_node_id(), soft=True)
-    task = ray.remote(_prepare_task).options(num_cpus=cfg.num_proc, scheduling_strategy=here, max_retries=0)
+    num_cpus = min(cfg.num_proc, ray.cluster_resources().get("CPU", 1))  # more would never schedule
+    task = ray.remote(_prepare_task).options(num_cpus=num_cpus, scheduling_strategy=here, max_retries=0)
     try:
         return Path(ray.get(task.remote(cfg, tokenizer_dir, seed)))
     except ray.exceptions.RayTaskError as exc:
@@ -314,7 +323,10 @@ def render_report(report: dict, console) -> None:
     """Per-source rows and the totals as rich tables."""
     from rich.table import Table
 
-    table = Table("source", "read", "kept", "skipped", "truncated", "dropped", "rows/epoch", title="data sources")
+    table = Table(title="data sources")
+    table.add_column("source", overflow="fold")
+    for name in ("read", "kept", "skipped", "truncated", "dropped", "rows/epoch"):
+        table.add_column(name, justify="right")
     for s in report["sources"]:
         table.add_row(s["source"], *(f"{s[k]:,}" for k in ("read", "kept", "skipped", "truncated", "dropped",
                                                             "epoch_rows")))

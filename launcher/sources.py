@@ -16,8 +16,8 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-from tunefleet.launcher.errors import DataError
-from tunefleet.launcher.recipe import DataSource
+from tunefleet.launcher.errors import DataError, Problem
+from tunefleet.launcher.recipe import DataConfig, DataSource
 
 SUFFIXES = (".jsonl", ".json", ".parquet", ".csv")
 
@@ -36,20 +36,33 @@ def source_files(path: str) -> list[Path]:
         files = sorted(f for f in root.rglob("*") if f.suffix in SUFFIXES and f.is_file()
                        and not any(part.startswith(".") for part in f.relative_to(root).parts))
         if not files:
-            raise DataError(f"{path}: the folder holds no {'/'.join(SUFFIXES)} files; fix data.sources[].path")
+            raise DataError(f"{path}: the folder holds no {'/'.join(SUFFIXES)} files; fix the path")
         return files
     if not root.is_file():
-        raise DataError(f"{path}: not found; fix data.sources[].path")
+        raise DataError(f"{path}: not found; fix the path")
     if root.suffix not in SUFFIXES:
         raise DataError(f"{path}: unsupported file type; use one of {', '.join(SUFFIXES)}")
     return [root]
+
+
+def path_problems(cfg: DataConfig) -> list[Problem]:
+    """Local sources and eval files that cannot be read, keyed by recipe key (datasets are checked on load)."""
+    paths = [(f"data.sources.{i}.path", s.path) for i, s in enumerate(cfg.sources) if s.path is not None]
+    paths += [("data.eval.path", cfg.eval.path)] if cfg.eval and cfg.eval.path else []
+    problems = []
+    for key, path in paths:
+        try:
+            source_files(path)
+        except DataError as exc:
+            problems.append(Problem(key, str(exc)))
+    return problems
 
 
 def read_source(source: DataSource) -> Iterator[Located]:
     """Every row of a source with its location, in a fixed order."""
     if source.dataset is not None:
         for index, row in enumerate(load_hub_dataset(source), start=1):
-            yield f"{source.label}: row {index}", row
+            yield f"{source.display_name}: row {index}", row
         return
     for file in source_files(source.path):
         yield from _READERS[file.suffix](file)
@@ -105,7 +118,7 @@ def load_hub_dataset(source: DataSource):
     try:
         return datasets.load_dataset(source.dataset, source.name, split=source.split, revision=source.revision)
     except (FileNotFoundError, ValueError, ConnectionError) as exc:
-        raise DataError(f"{source.label}: cannot load the dataset ({exc}); check data.sources[].dataset, "
+        raise DataError(f"{source.display_name}: cannot load the dataset ({exc}); check data.sources[].dataset, "
                         "name and split, and network access") from None
 
 

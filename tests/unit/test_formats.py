@@ -9,8 +9,10 @@ import json
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
+from pydantic import ValidationError
 from transformers import AutoTokenizer
 
+from tunefleet.launcher import sources
 from tunefleet.launcher.data import IGNORE_INDEX
 from tunefleet.launcher.errors import DataError
 from tunefleet.launcher.preprocess import encode_source
@@ -44,7 +46,7 @@ def target_runs(tokenizer, split, row: int) -> list[str]:
     """The decoded runs of consecutive target tokens of a row."""
     ids, labels = split.row(row)
     runs, current = [], []
-    for token, label in zip(ids.tolist(), labels.tolist()):
+    for token, label in zip(ids.tolist(), labels.tolist(), strict=True):
         if label != IGNORE_INDEX:
             current.append(token)
         elif current:
@@ -54,7 +56,8 @@ def target_runs(tokenizer, split, row: int) -> list[str]:
 
 # --------------------------------------------------------------------------- formats
 def test_alpaca_loss_only_on_the_response(tokenizer, tmp_path):
-    path = write_jsonl(tmp_path / "a.jsonl", [{"instruction": "Reverse the word: table", "input": "", "output": "elbat"}])
+    row = {"instruction": "Reverse the word: table", "input": "", "output": "elbat"}
+    path = write_jsonl(tmp_path / "a.jsonl", [row])
     split, counts = encode(tokenizer, path)
     assert target_runs(tokenizer, split, 0) == ["elbat<|eos|>"] and counts.kept == 1
     ids, labels = split.row(0)
@@ -174,7 +177,8 @@ def test_json_csv_and_parquet_rows_are_named_by_row(tokenizer, tmp_path):
 
 def test_skipped_rows_are_counted_with_examples(tokenizer, tmp_path):
     path = tmp_path / "mixed.jsonl"
-    path.write_text('{"instruction": "a", "output": "b"}\n{broken\n{"instruction": "c"}\n{"instruction": "d", "output": "e"}\n')
+    path.write_text('{"instruction": "a", "output": "b"}\n{broken\n{"instruction": "c"}\n'
+                    '{"instruction": "d", "output": "e"}\n')
     split, counts = encode(tokenizer, path, on_bad_row="skip")
     assert (len(split), counts.read, counts.kept, counts.skipped) == (2, 4, 2, 2)
     assert "mixed.jsonl:2: invalid JSON" in counts.skip_examples[0]
@@ -188,6 +192,21 @@ def test_a_folder_source_reads_every_supported_file_in_order(tokenizer, tmp_path
     assert [target_runs(tokenizer, split, i) for i in range(2)] == [["1<|eos|>"], ["2<|eos|>"]]
 
 
+def test_a_hub_dataset_source_is_read_and_hashed_through_datasets(tokenizer, monkeypatch):
+    import datasets
+
+    rows = datasets.Dataset.from_list([{"question": "2+2=", "answer": "4"}, {"question": "1+1="}])
+    monkeypatch.setattr(sources, "load_hub_dataset", lambda source: rows)  # tests never reach the hub
+    source = DataSource(dataset="someone/math", split="test", format="completion",
+                        fields={"prompt": "question", "completion": "answer"})
+    with pytest.raises(DataError, match=r"someone/math\[test\]: row 2: field `answer` missing"):
+        encode(tokenizer, None, source=source)
+    first = sources.source_digest(source)
+    monkeypatch.setattr(sources, "load_hub_dataset", lambda source: rows.select([0]))
+    assert sources.source_digest(source) != first  # the dataset fingerprint changed
+    assert encode(tokenizer, None, source=source)[1].kept == 1
+
+
 def test_overlong_rows_are_truncated_or_dropped_and_counted(tokenizer, tmp_path):
     rows = [{"instruction": "word " * 50, "output": "y"}, {"instruction": "a", "output": "long " * 50}]
     path = write_jsonl(tmp_path / "a.jsonl", rows)
@@ -196,3 +215,33 @@ def test_overlong_rows_are_truncated_or_dropped_and_counted(tokenizer, tmp_path)
     assert (len(split), counts.truncated, counts.dropped) == (1, 2, 1) and len(split.row(0)[0]) == 40
     split, counts = encode(tokenizer, path, max_seq_len=40, overlong="drop", on_bad_row="skip")
     assert (len(split), counts.truncated, counts.dropped) == (0, 0, 2)
+
+
+# --------------------------------------------------------------------------- the data section of a recipe
+@pytest.mark.parametrize("data,message", [
+    ({"sources": [{"path": "/a.jsonl", "dataset": "x/y"}]}, "set exactly one of path"),
+    ({"sources": [{"path": "/a.jsonl", "split": "test"}]}, "split: only used by `dataset` sources"),
+    ({"sources": [{"path": "/a.jsonl", "fields": {"output": "answer", "turns": "x"}}]},
+     "fields: turns not read by format alpaca"),
+    ({"sources": [{"path": "/a.jsonl", "format": "chat", "roles": {"human": "person"}}]}, "roles: person"),
+    ({"sources": [{"path": "/a.jsonl"}, {"path": "/b.jsonl", "format": "preference"}]}, "mix formats"),
+    ({"sources": [{"path": "/a.jsonl", "format": "preference"}], "packing": True}, "data.packing works with sft"),
+    ({"sources": [{"path": "/a.jsonl"}], "labels": ["a", "b"]}, "data.labels names classes"),
+])
+def test_data_config_rejects_contradictions_naming_the_key(data, message):
+    with pytest.raises(ValidationError, match=message):
+        DataConfig(**data)
+
+
+def test_the_data_must_fit_the_task_and_objective():
+    sft = DataConfig(sources=[{"path": "/a.jsonl"}])
+    pairs = DataConfig(sources=[{"path": "/a.jsonl", "format": "preference"}])
+    classes = DataConfig(sources=[{"path": "/a.csv", "format": "classification"}], labels=["a", "b", "c"])
+    assert sft.objective_problems(task="causal_lm", objective="sft", num_labels=None) == []
+    assert pairs.objective_problems(task="causal_lm", objective="dpo", num_labels=None) == []
+    assert "needs preference rows, these are alpaca/chat/completion/text" in \
+        sft.objective_problems(task="causal_lm", objective="dpo", num_labels=None)[0]
+    assert classes.objective_problems(task="sequence_classification", objective="sft", num_labels=2) == [
+        "data.labels: 3 names but model.num_labels is 2"]
+    assert classes.objective_problems(task="sequence_classification", objective="dpo", num_labels=3)[0].startswith(
+        "method.objective:")

@@ -68,7 +68,7 @@ def test_every_document_has_the_same_token_losses_packed_and_unpacked(model_dir,
     for row in range(len(packed)):
         start, end = packed.offsets[row], packed.offsets[row + 1]
         positions = np.asarray(packed.position_ids[start:end])
-        for doc_start, doc_end in zip(*_runs(positions)):
+        for doc_start, doc_end in zip(*_runs(positions), strict=True):
             tokens = tuple(np.asarray(packed.input_ids[start + doc_start:start + doc_end]).tolist())
             got = packed_losses[row, doc_start : doc_end - 1]
             torch.testing.assert_close(got, expected[tokens], rtol=1e-5, atol=1e-6)

@@ -38,8 +38,8 @@ def write_rows(path, numbers):
 
 def outputs(tokenizer, split) -> list[int]:
     """The numeric answer of every example (the target text minus eos)."""
-    return [int(tokenizer.decode([t for t, lab in zip(*split.row(i)) if lab != data.IGNORE_INDEX],
-                                 skip_special_tokens=True)) for i in range(len(split))]
+    texts = [[t for t, lab in zip(*split.row(i), strict=True) if lab != data.IGNORE_INDEX] for i in range(len(split))]
+    return [int(tokenizer.decode(text, skip_special_tokens=True)) for text in texts]
 
 
 def prepare(tmp_path, tokenizer, tokenizer_dir, *sources, seed=0, **options):

@@ -400,7 +400,8 @@ def environment() -> dict:
 
     return {"date": datetime.now(UTC).isoformat(timespec="seconds"), "cpu_count": os.cpu_count(),
             "platform": platform.platform(), "python": platform.python_version(), "torch": torch.__version__,
-            "ray": ray.__version__, "transformers": transformers.__version__, "git_commit": git("rev-parse", "HEAD").strip(),
+            "ray": ray.__version__, "transformers": transformers.__version__,
+            "git_commit": git("rev-parse", "HEAD").strip(),
             # The code under test is the working tree when the benchmark began (see freeze_code).
             "uncommitted_loop_files": git("status", "--porcelain", "launcher", "strategies").splitlines(),
             "load_avg_1m_at_start": os.getloadavg()[0]}

@@ -12,6 +12,7 @@ from rich.console import Console
 from rich.table import Table
 
 from tunefleet.launcher.errors import RecipeError, TrainingFailed, UserError
+from tunefleet.launcher.export import export_command
 from tunefleet.launcher.recipe import Recipe, load_recipe, read_yaml
 from tunefleet.launcher.submit import cancel, logs, status, submit
 
@@ -149,12 +150,21 @@ def list_runs(folder: Annotated[Path, typer.Argument(help="A run folder or a fol
     out.print(table)
 
 
+@app.command("preprocess")
+def preprocess_data(recipe: RecipeArg, overrides: SetOption = None) -> None:
+    """Tokenize a recipe's data into the cache now, as a launch would first; print rows, tokens and drops."""
+    from tunefleet.launcher.preprocess import preprocess_report, render_report
+
+    render_report(preprocess_report(load_recipe(recipe, overrides or [])), out)
+
+
 @app.command()
 def schema() -> None:
     """Print the recipe's JSON Schema (for editors)."""
     sys.stdout.write(json.dumps(Recipe.model_json_schema(), indent=2) + "\n")
 
 
+app.command("export")(export_command)
 app.command()(submit)
 app.command()(status)
 app.command()(logs)

@@ -23,6 +23,10 @@ def layout_problems(recipe: Recipe, *, available_gpus: int | None = None) -> lis
         problems.append(Problem("parallelism.workers_per_node",
                                 f"{par.workers_per_node} workers need {par.workers_per_node} GPUs, this machine has "
                                 f"{available_gpus}; lower it or set parallelism.num_nodes"))
+    if recipe.method.objective == "dpo":
+        # The DPO step and reference model exist (launcher/dpo.py) but the loop does not dispatch to them yet.
+        problems.append(Problem("method.objective", "dpo is not wired into the training loop in this version; "
+                                "use objective sft"))
     if par.use_gpu and available_gpus == 0 and recipe.cluster.address is None:
         problems.append(Problem("parallelism.use_gpu", "no GPU found on this machine; set it to false to train on CPU"))
     return problems

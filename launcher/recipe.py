@@ -572,6 +572,11 @@ class Recipe(Section):
     def _cross_checks(self) -> Recipe:
         if self.parallelism.use_gpu is False and self.parallelism.mixed_precision == "fp16":
             raise ValueError("parallelism.mixed_precision: fp16 needs GPUs; use bf16 or no on CPU")
+        problems = self.data.objective_problems(
+            task=self.model.task, objective=self.method.objective, num_labels=self.model.num_labels
+        )
+        if problems:
+            raise ValueError("; ".join(problems))
         return self
 
     @property

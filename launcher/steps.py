@@ -16,6 +16,7 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 
+from tunefleet.launcher.data import model_inputs
 from tunefleet.strategies.base import Strategy
 
 IGNORE_INDEX = -100
@@ -30,9 +31,11 @@ class StepResult:
 
 
 def token_loss_sum(model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
-    """Sum of next-token cross-entropy over positions whose label is not ignored."""
-    inputs = {k: v for k, v in batch.items() if k != "labels"}
-    logits = model(**inputs, use_cache=False).logits
+    """Sum of next-token cross-entropy over positions whose label is not ignored
+    (classification batches, one label per row: the sum over rows)."""
+    logits = model(**model_inputs(batch), use_cache=False).logits
+    if batch["labels"].ndim == 1:
+        return F.cross_entropy(logits.float(), batch["labels"], ignore_index=IGNORE_INDEX, reduction="sum")
     labels = batch["labels"][:, 1:]
     return F.cross_entropy(
         logits[:, :-1].flatten(0, 1).float(),
@@ -43,7 +46,8 @@ def token_loss_sum(model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> to
 
 
 def _count_targets(batch: dict[str, torch.Tensor]) -> int:
-    return int((batch["labels"][:, 1:] != IGNORE_INDEX).sum())
+    labels = batch["labels"] if batch["labels"].ndim == 1 else batch["labels"][:, 1:]
+    return int((labels != IGNORE_INDEX).sum())
 
 
 def _all_reduce_sum(values: list[float], device: torch.device) -> list[float]:

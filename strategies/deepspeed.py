@@ -6,13 +6,21 @@ the recipe already decides (that would leave two places saying different
 things). The engine runs in DeepSpeed's managed accumulation mode: ``backward``
 advances its micro-step counter and ``optimizer_step`` is the accumulation
 boundary, so the training loop stays the one every strategy uses.
+
+A checkpoint written at another data-parallel world size is converted once,
+by rank 0, into DeepSpeed's universal format under ``<path>/universal`` and
+loaded from there: ZeRO's own files are partitioned for the world that wrote
+them.
 """
 
 from __future__ import annotations
 
+import argparse
 import contextlib
 import copy
+import shutil
 from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -27,7 +35,8 @@ from tunefleet.strategies.base import (
     register,
 )
 
-_CHECKPOINT_TAG = "deepspeed"
+CHECKPOINT_TAG = "deepspeed"  # the folder under a state path that holds DeepSpeed's files
+_UNIVERSAL_DIR = "universal"
 _ZERO_STAGES = {"deepspeed_zero2": 2, "deepspeed_zero3": 3}
 
 # Config keys whose value follows from the recipe, mapped to the recipe key to change
@@ -106,6 +115,50 @@ def _set(tree: dict, keys: list[str], value: Any) -> None:
     tree[keys[-1]] = value
 
 
+def saved_world_size(path: str) -> int:
+    """Data-parallel ranks that wrote the DeepSpeed checkpoint under ``path`` (0: none there).
+
+    Every ZeRO stage writes one optimizer partition file per data-parallel rank.
+    """
+    return len(list((Path(path) / CHECKPOINT_TAG).glob("*zero_pp_rank_*_optim_states.pt")))
+
+
+def convert_to_universal(path: str) -> str:
+    """Collective: ``<path>/universal``, converted by rank 0 on first use; every rank waits for it.
+
+    Rank 0 converts into a staging folder and renames it when done, so a crash mid-way
+    leaves no half-written universal checkpoint; its error is raised on every rank.
+    """
+    target = Path(path) / _UNIVERSAL_DIR
+    error = None
+    if dist.get_rank() == 0 and not target.is_dir():
+        staging = Path(path) / f".{_UNIVERSAL_DIR}-partial"
+        shutil.rmtree(staging, ignore_errors=True)
+        try:
+            _ds_to_universal(Path(path) / CHECKPOINT_TAG, staging / CHECKPOINT_TAG)
+            staging.rename(target)
+        except Exception as exc:  # re-raised below on every rank, not only on rank 0
+            error = f"converting {path} to a universal checkpoint failed: {type(exc).__name__}: {exc}"
+    outcome = [error]
+    dist.broadcast_object_list(outcome, src=0)  # the barrier: the others wait for rank 0 here
+    if outcome[0] is not None:
+        raise RuntimeError(outcome[0])
+    return str(target)
+
+
+def _ds_to_universal(source: Path, output: Path) -> None:
+    from deepspeed.checkpoint import ds_to_universal
+
+    ds_to_universal.main(argparse.Namespace(
+        input_folder=str(source), output_folder=str(output),
+        # In-process: no worker pools forked from a process that holds a process group.
+        num_extract_workers=1, num_merge_workers=1,
+        keep_temp_folder=False, strict=True,
+        # Plain (non-Megatron) engines do not record the universal-checkpoint info it checks for.
+        inject_missing_state=True,
+    ))
+
+
 class _DeepSpeedStrategy(Strategy):
     """Shared by both stages: the engine clips, steps optimizer and scheduler, and checkpoints."""
 
@@ -149,12 +202,31 @@ class _DeepSpeedStrategy(Strategy):
         return None if norm is None else float(norm)
 
     def save(self, path: str) -> None:
-        self.model.save_checkpoint(path, tag=_CHECKPOINT_TAG, save_latest=False)
+        self.model.save_checkpoint(path, tag=CHECKPOINT_TAG, save_latest=False)
 
     def load(self, path: str) -> None:
-        load_path, _ = self.model.load_checkpoint(path, tag=_CHECKPOINT_TAG)
+        saved = saved_world_size(path)
+        if saved == 0:
+            raise FileNotFoundError(f"no DeepSpeed checkpoint under {path}/{CHECKPOINT_TAG}")
+        if saved == self.model.dp_world_size:
+            self._load_checkpoint(path, universal=False)
+        else:
+            universal = convert_to_universal(path)
+            self._load_checkpoint(universal, universal=True)
+            self._repair_universal_load(universal)
+
+    def _load_checkpoint(self, path: str, *, universal: bool) -> None:
+        config = self.model._config  # the engine reads the flag on every load; set it for this one
+        configured, config.load_universal_checkpoint = config.load_universal_checkpoint, universal
+        try:
+            load_path, _ = self.model.load_checkpoint(path, tag=CHECKPOINT_TAG)
+        finally:
+            config.load_universal_checkpoint = configured
         if load_path is None:
-            raise FileNotFoundError(f"no DeepSpeed checkpoint under {path}/{_CHECKPOINT_TAG}")
+            raise FileNotFoundError(f"no DeepSpeed checkpoint under {path}/{CHECKPOINT_TAG}")
+
+    def _repair_universal_load(self, path: str) -> None:
+        """Undo what DeepSpeed's universal load of this stage gets wrong (nothing by default)."""
 
     def teardown(self) -> None:
         if self.model is not None:
@@ -202,6 +274,18 @@ class DeepSpeedZero3Strategy(_DeepSpeedStrategy):
         # Gathers one module's partitions at a time; training-dtype (fp32 in fp32 runs).
         state = self.model._zero3_consolidated_16bit_state_dict()
         return state if dist.get_rank() == 0 else {}
+
+    def _repair_universal_load(self, path: str) -> None:
+        """DeepSpeed 0.19's ZeRO-3 universal load gives every parameter group the hyperparameters
+        of group 0 (weight decay on norms and biases) and one shared ``step`` tensor, which AdamW
+        then advances once per group per step (wrong bias correction). Restore both."""
+        saved = torch.load(Path(path) / CHECKPOINT_TAG / "zero" / "optimizer_state.pt", weights_only=False)
+        optimizer = self.optimizer.optimizer  # torch's, inside DeepSpeed's partitioned wrapper
+        for group, saved_group in zip(optimizer.param_groups, saved["param_groups"], strict=True):
+            group.update({key: value for key, value in saved_group.items() if key != "params"})
+        for state in optimizer.state.values():
+            if torch.is_tensor(state.get("step")):
+                state["step"] = state["step"].clone()
 
     def teardown(self) -> None:
         from transformers.integrations import unset_hf_deepspeed_config

@@ -12,6 +12,7 @@ from __future__ import annotations
 import functools
 import resource
 import time
+from collections.abc import Iterable, Iterator
 
 import psutil
 import torch
@@ -52,21 +53,58 @@ def device_peak_flops(device: torch.device) -> float | None:
     return next((peak for key, peak in GPU_PEAK_FLOPS.items() if key in name), None)
 
 
-def held_bytes(model: torch.nn.Module, optimizer: torch.optim.Optimizer | None) -> int:
-    """Bytes of parameters, gradients and optimizer state this rank holds (local shards only)."""
-    tensors = {}
-    for param in model.parameters():
-        for tensor in (param, param.grad):
-            if tensor is not None:
-                local = tensor.to_local() if hasattr(tensor, "to_local") else tensor
-                tensors[id(local)] = local.numel() * local.element_size()
-    if optimizer is not None:
-        for state in optimizer.state.values():
-            for value in state.values():
-                if torch.is_tensor(value):
-                    local = value.to_local() if hasattr(value, "to_local") else value
-                    tensors[id(local)] = local.numel() * local.element_size()
-    return sum(tensors.values())
+# DeepSpeed optimizer attributes that hold model state, by part: the 16-bit (or
+# training-dtype) copy, the reduced gradient partitions, and the fp32 master
+# partitions (ZeRO-1/2 names first, ZeRO-3 names second).
+DEEPSPEED_STATE = {
+    "params": ("bit16_groups_flat", "fp16_partitioned_groups_flat"),
+    "grads": ("averaged_gradients", "grad_partitions_flat_buffer"),
+    "optimizer": ("single_partition_of_fp32_groups", "fp32_partitioned_groups_flat"),
+}
+
+
+
+
+def _tensors(value) -> Iterator[torch.Tensor]:
+    """Every tensor in nested dicts/lists (optimizer state, DeepSpeed's grouped buffers)."""
+    if isinstance(value, torch.Tensor):
+        yield value
+    elif isinstance(value, dict):
+        for item in value.values():
+            yield from _tensors(item)
+    elif isinstance(value, list | tuple):
+        for item in value:
+            yield from _tensors(item)
+
+
+def _unique_bytes(tensors: Iterable[torch.Tensor | None], seen: set[int]) -> int:
+    """Bytes of the storages behind ``tensors`` not counted yet (DTensors by their local shard)."""
+    total = 0
+    for tensor in tensors:
+        if tensor is None:
+            continue
+        local = tensor.to_local() if hasattr(tensor, "to_local") else tensor
+        storage = local.untyped_storage()
+        if storage.nbytes() and storage.data_ptr() not in seen:
+            seen.add(storage.data_ptr())
+            total += storage.nbytes()
+    return total
+
+
+def held_bytes(strategy) -> dict[str, int]:
+    """Parameter, gradient and optimizer-state bytes this rank holds."""
+    optimizer = strategy.optimizer
+    inner = getattr(optimizer, "optimizer", optimizer)  # DeepSpeed wraps the torch AdamW
+    params = list(strategy.model.parameters())
+    parts = {
+        "params": [*params, *(getattr(p, "ds_tensor", None) for p in params)],  # ZeRO-3 partitions
+        "grads": [p.grad for p in params],
+        "optimizer": list(_tensors(list(inner.state.values()))),
+    }
+    for part, attributes in DEEPSPEED_STATE.items():
+        parts[part] += [t for name in attributes for t in _tensors(getattr(optimizer, name, None))]
+    seen: set[int] = set()
+    return {part: _unique_bytes(tensors, seen) for part, tensors in parts.items()}
 
 
 def memory_stats(device: torch.device) -> dict[str, int]:

@@ -173,7 +173,7 @@ def run(job: Job, reporter: Reporter, control=None, node: str | None = None) -> 
 
 def memory_per_rank(strategy, device: torch.device) -> dict[str, list[int]]:
     """Collective: held tensor bytes (params, grads, optimizer state) and RSS of every rank."""
-    stats = {"held_bytes": throughput.held_bytes(strategy.unwrapped, strategy.optimizer),
+    stats = {"held_bytes": sum(throughput.held_bytes(strategy).values()),
              **throughput.memory_stats(device)}
     mine = torch.tensor(list(stats.values()), dtype=torch.int64)
     gathered = [torch.empty_like(mine) for _ in range(dist.get_world_size())]

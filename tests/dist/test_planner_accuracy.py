@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import dataclasses
 import gc
-from collections.abc import Iterable, Iterator
 from pathlib import Path
 
 import pytest
@@ -26,7 +25,8 @@ from tunefleet.launcher.plan import strategy_plan
 from tunefleet.launcher.planner import plan_report
 from tunefleet.launcher.recipe import Recipe, recipe_from_dict
 from tunefleet.launcher.steps import token_loss_sum, train_step
-from tunefleet.strategies.base import Strategy, create
+from tunefleet.launcher.throughput import held_bytes
+from tunefleet.strategies.base import create
 
 from .harness import run_ranks
 
@@ -44,16 +44,6 @@ SIZES = {  # approximate parameter count -> Llama dimensions
     "10M": dict(hidden_size=256, intermediate_size=1024, num_hidden_layers=10, num_attention_heads=8),
     "40M": dict(hidden_size=512, intermediate_size=1536, num_hidden_layers=12, num_attention_heads=8),
 }
-# DeepSpeed optimizer attributes that hold model state, by part: the 16-bit (or
-# training-dtype) copy, the reduced gradient partitions, and the fp32 master
-# partitions (ZeRO-1/2 names first, ZeRO-3 names second).
-DEEPSPEED_STATE = {
-    "params": ("bit16_groups_flat", "fp16_partitioned_groups_flat"),
-    "grads": ("averaged_gradients", "grad_partitions_flat_buffer"),
-    "optimizer": ("single_partition_of_fp32_groups", "fp32_partitioned_groups_flat"),
-}
-
-
 @dataclasses.dataclass(frozen=True)
 class Case:
     size: str
@@ -87,48 +77,6 @@ def recipe_for(case: Case, model_dir: Path) -> Recipe:
 
 
 # ----------------------------------------------------------------------------- worker side
-def _tensors(value) -> Iterator[torch.Tensor]:
-    """Every tensor in nested dicts/lists (optimizer state, DeepSpeed's grouped buffers)."""
-    if isinstance(value, torch.Tensor):
-        yield value
-    elif isinstance(value, dict):
-        for item in value.values():
-            yield from _tensors(item)
-    elif isinstance(value, list | tuple):
-        for item in value:
-            yield from _tensors(item)
-
-
-def _unique_bytes(tensors: Iterable[torch.Tensor | None], seen: set[int]) -> int:
-    """Bytes of the storages behind ``tensors`` not counted yet (DTensors by their local shard)."""
-    total = 0
-    for tensor in tensors:
-        if tensor is None:
-            continue
-        local = tensor.to_local() if hasattr(tensor, "to_local") else tensor
-        storage = local.untyped_storage()
-        if storage.nbytes() and storage.data_ptr() not in seen:
-            seen.add(storage.data_ptr())
-            total += storage.nbytes()
-    return total
-
-
-def held_bytes(strategy: Strategy) -> dict[str, int]:
-    """Parameter, gradient and optimizer-state bytes this rank holds."""
-    optimizer = strategy.optimizer
-    inner = getattr(optimizer, "optimizer", optimizer)  # DeepSpeed wraps the torch AdamW
-    params = list(strategy.model.parameters())
-    parts = {
-        "params": [*params, *(getattr(p, "ds_tensor", None) for p in params)],  # ZeRO-3 partitions
-        "grads": [p.grad for p in params],
-        "optimizer": list(_tensors(list(inner.state.values()))),
-    }
-    for part, attributes in DEEPSPEED_STATE.items():
-        parts[part] += [t for name in attributes for t in _tensors(getattr(optimizer, name, None))]
-    seen: set[int] = set()
-    return {part: _unique_bytes(tensors, seen) for part, tensors in parts.items()}
-
-
 def _batch() -> dict[str, torch.Tensor]:
     input_ids = torch.randint(0, VOCAB_SIZE, (1, SEQ_LEN), generator=torch.Generator().manual_seed(0))
     return {"input_ids": input_ids, "attention_mask": torch.ones_like(input_ids), "labels": input_ids.clone()}

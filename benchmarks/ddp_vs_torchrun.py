@@ -6,17 +6,21 @@ ddp; eval, checkpoints, export and W&B off; a metrics row every step) and run B
 as subprocesses with ``OMP_NUM_THREADS=1``. Both train the same model folder on
 the same token rows with the same optimizer, schedule and clipping; the script
 checks that every step has the same number of tokens and that the step-1 losses
-agree.
+agree. The package and the recipe are copied once at the start (``freeze_code``)
+so that edits to the working tree during the runs do not change the code under test.
 
-Per run it measures:
-- tokens/s: median over the steps after the warm-up of global non-pad input
-  tokens / wall time between the end of one step and the end of the next (all
-  per-step work: batching, the step, logging);
-- step tokens/s: the same over the in-loop step timer only (forward, backward,
-  all-reduce, clip, optimizer), the region tunefleet's ``tokens_per_s`` covers;
+Per run, over the steps after the warm-up:
+- tokens/s: median of global non-pad input tokens / wall time between the end
+  of one step and the end of the next (all per-step work: batching, the step,
+  logging); and the same over the in-loop step timer only (forward, backward,
+  all-reduce, clip, optimizer), the region tunefleet's own ``tokens_per_s`` covers;
+- tokens per CPU-second of the two rank processes, and the CPU cores used by the
+  ranks and by every other process of the run (Ray's, the driver's, torchrun's
+  agent), sampled from /proc once a second. On a shared machine wall-clock
+  figures mostly say how many cores the ranks got; these do not;
 - time to first step: end of optimizer step 1 minus the subprocess start.
-It reports medians over runs and tunefleet/torchrun ratios, prints a markdown
-table and writes a JSON result.
+It reports medians over runs, tunefleet/torchrun ratios of the medians and per
+pair, prints a markdown table and writes a JSON result.
 
     python benchmarks/ddp_vs_torchrun.py --model tiny:llama-20m --steps 40 --pairs 3
 """
@@ -160,7 +164,7 @@ def descendants(table: dict[int, tuple[int, float]], root: int) -> set[int]:
     children = defaultdict(list)
     for pid, (parent, _) in table.items():
         children[parent].append(pid)
-    found, todo = set(), [root]
+    found, todo = set(), [root] if root in table else []  # the root is gone once the run has exited
     while todo:
         pid = todo.pop()
         found.add(pid)
@@ -169,7 +173,7 @@ def descendants(table: dict[int, tuple[int, float]], root: int) -> set[int]:
 
 
 def process_role(pid: int) -> str:
-    """"rank" for a training process (Ray Train worker or a torchrun child), else "other"."""
+    """Role of a process: "rank" (a Ray Train worker or a torchrun child) or "other"."""
     try:
         cmdline = Path("/proc", str(pid), "cmdline").read_bytes()
     except OSError:

@@ -12,7 +12,9 @@ import pytest
 from tests.conftest import BIN, FAST_HEALTH_CHECKS, RayCluster
 from tests.e2e.conftest import COMMON, FULL, STEPS, read_metrics
 
-pytestmark = pytest.mark.e2e
+# Each test spans a multi-node run, a node death (detection, restart) and a replacement: more than the
+# default 600 s per-test limit on a loaded 2-core machine.
+pytestmark = [pytest.mark.e2e, pytest.mark.timeout(1200)]
 
 TWO_NODES = ["--set=parallelism.num_nodes=2", "--set=parallelism.workers_per_node=1",
              "--set=train.grad_accum_steps=2", "--set=fault_tolerance.max_restarts=3"]

@@ -8,7 +8,7 @@ import pytest
 
 from tests.e2e.conftest import FULL, LORA, assert_bitwise_equal, final_weights, launch, read_metrics
 
-pytestmark = pytest.mark.e2e
+pytestmark = [pytest.mark.e2e, pytest.mark.timeout(1200)]  # two launches per test
 
 SHORT = ["--set=train.max_steps=12", "--set=checkpoint.every_steps=4", "--set=train.eval_every_steps=null",
          "--set=fault_tolerance.max_restarts=2"]

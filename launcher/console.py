@@ -18,19 +18,22 @@ class LaunchConsole:
         self.enabled = enabled
         self.console = console or Console(stderr=False)
         self.train_rows: dict[int, dict] = {}
-        self.eval_rows: dict[int, float] = {}
+        self.eval_rows: dict[int, dict] = {}
         self.finish: dict = {}
         self.restarts = 0
         self._max_steps = 0
 
     def header(self, job, reason: str, data_meta: dict) -> None:
         recipe, plan = job.recipe, job.strategy_plan
+        packed = (f"; packed into {data_meta['max_seq_len']}-token rows, {data_meta['packing_efficiency']:.1%} "
+                  "of token slots filled" if data_meta.get("packing") else "")
         self._print(
             f"[bold]tunefleet[/] {recipe.name}: {recipe.method.kind} fine-tuning of {recipe.model.path}\n"
             f"  strategy [cyan]{plan.name}[/] ({reason}); {plan.world_size} worker(s) = "
             f"{plan.num_nodes} node(s) x {plan.workers_per_node}\n"
             f"  data: {data_meta['train_rows']} rows, {data_meta['train_tokens']} tokens "
-            f"({data_meta['truncated']} truncated), {data_meta['eval_rows']} eval rows\n"
+            f"({data_meta['truncated']} truncated), {data_meta['eval_rows']} eval rows"
+            f"{packed}\n"
             f"  global batch {plan.micro_batch_size * plan.grad_accum_steps * plan.world_size} rows "
             f"(micro {plan.micro_batch_size} x accum {plan.grad_accum_steps} x {plan.world_size} workers)\n"
             f"  output: {recipe.output_dir}"
@@ -38,7 +41,7 @@ class LaunchConsole:
 
     def _print(self, text: str) -> None:
         if self.enabled:
-            self.console.print(text, highlight=False)
+            self.console.print(text, highlight=False, soft_wrap=True)
 
     @contextlib.contextmanager
     def progress(self, max_steps: int) -> Iterator[LaunchConsole]:
@@ -66,7 +69,7 @@ class LaunchConsole:
     def _record(self, row: dict) -> None:
         step = row["step"]
         if "eval_loss" in row:
-            self.eval_rows[step] = row["eval_loss"]
+            self.eval_rows[step] = row
         if "loss" in row:
             self.train_rows[step] = row
             stats = f"loss {row['loss']:.4f}  {row['tokens_per_s']:,.0f} tok/s"
@@ -83,8 +86,13 @@ class LaunchConsole:
             "tokens_per_s": statistics.median(steady) if steady else None,
             "first_loss": rows[0]["loss"] if rows else None,
             "last_loss": rows[-1]["loss"] if rows else None,
-            "eval_loss_before": evals[0] if evals else None,
-            "eval_loss_after": evals[-1] if evals else None,
+            "eval_loss_before": evals[0]["eval_loss"] if evals else None,
+            "eval_loss_after": evals[-1]["eval_loss"] if evals else None,
+            **({"eval_reward_accuracy_before": evals[0]["eval_reward_accuracy"],
+                "eval_reward_accuracy_after": evals[-1]["eval_reward_accuracy"]}
+               if evals and "eval_reward_accuracy" in evals[0] else {}),
+            "packing_efficiency": (statistics.fmean(fills) if (fills := [r["packing_efficiency"] for r in rows
+                                                                          if "packing_efficiency" in r]) else None),
             "wall_time_s": round(wall_time_s, 1),
             "output_dir": str(output_dir),
             "final_dir": self.finish.get("final_dir"),

@@ -14,7 +14,7 @@ import uuid
 from dataclasses import dataclass
 from pathlib import Path
 
-from tunefleet.launcher import checkpoint, data, modeling, runs
+from tunefleet.launcher import checkpoint, data, modeling, preprocess, runs, sources
 from tunefleet.launcher.console import LaunchConsole
 from tunefleet.launcher.control import EXIT_PREEMPTED, Control, forward_signals_to
 from tunefleet.launcher.errors import PreflightError, Problem, RecipeError, TrainingFailed, UserError
@@ -36,12 +36,7 @@ def input_problems(recipe: Recipe) -> list[Problem]:
     model_problem = modeling.check_model_path(recipe.model) or modeling.check_tiny_spec(recipe.model)
     if model_problem:
         problems.append(Problem("model.path", model_problem))
-    for i, source in enumerate(recipe.data.sources):
-        if not Path(source.path).is_file():
-            problems.append(Problem(f"data.sources.{i}.path", f"file {source.path} not found; fix the path"))
-    if recipe.data.eval and recipe.data.eval.path and not Path(recipe.data.eval.path).is_file():
-        problems.append(Problem("data.eval.path", f"file {recipe.data.eval.path} not found; fix the path"))
-    return problems
+    return problems + sources.path_problems(recipe.data)
 
 
 def check_recipe(recipe: Recipe, source: str):
@@ -64,7 +59,9 @@ class LaunchResult:
     preempted_at: int | None = None
 
 
-def prepare_job(recipe: Recipe, source: str, resume: str) -> tuple[Job, str]:
+def prepare_job(recipe: Recipe, source: str, resume: str, prepare_data=None) -> tuple[Job, str]:
+    """Check the recipe, settle the plan against any checkpoint, then tokenize (``prepare_data``: in
+    this process by default; ``launch`` passes ``preprocess.prepare_on_ray`` once Ray is up)."""
     plan, reason = check_recipe(recipe, source)
     existing = checkpoint.latest(recipe.checkpoint_dir)
     if existing is not None and resume == "never":
@@ -79,8 +76,10 @@ def prepare_job(recipe: Recipe, source: str, resume: str) -> tuple[Job, str]:
             reason += f"; accumulation set to {plan.grad_accum_steps} to keep the checkpoint's global batch"
     wandb_run_id = checkpoint.read_meta(existing).get("wandb_run_id") if existing else None
     model_path = modeling.resolve_model_path(recipe.model)
-    tokenizer = modeling.load_tokenizer(model_path)
-    data_dir = data.prepare(recipe.data, tokenizer, model_path, seed=recipe.train.seed)
+    if prepare_data is None:
+        data_dir = data.prepare(recipe.data, modeling.load_tokenizer(model_path), model_path, seed=recipe.train.seed)
+    else:
+        data_dir = prepare_data(recipe.data, model_path, seed=recipe.train.seed)
     report = plan_report(recipe)
     job = Job(
         recipe=recipe, strategy_plan=plan,
@@ -142,17 +141,18 @@ def launch(recipe: Recipe, *, source: str, address: str | None = None, resume: s
     from ray.util.queue import Queue
 
     console = console or LaunchConsole(enabled=recipe.logging.console)
-    job, reason = prepare_job(recipe, source, resume)
-    output_dir = Path(recipe.output_dir)
-    output_dir.mkdir(parents=True, exist_ok=True)
-    (output_dir / RESOLVED_RECIPE).write_text(_resolved_yaml(recipe, job, reason))
-    runs.record_state(output_dir, "running", name=recipe.name, max_steps=recipe.train.max_steps,
-                      checkpoint_dir=recipe.checkpoint_dir)
-    console.header(job, reason, data.cache_meta(Path(job.data_dir)))
-
+    check_recipe(recipe, source)  # input mistakes surface before Ray starts
     started = time.time()
     _connect(recipe, address)
     try:
+        # Tokenize once, as a Ray task on this node; bad rows raise DataError here.
+        job, reason = prepare_job(recipe, source, resume, prepare_data=preprocess.prepare_on_ray)
+        output_dir = Path(recipe.output_dir)
+        output_dir.mkdir(parents=True, exist_ok=True)
+        (output_dir / RESOLVED_RECIPE).write_text(_resolved_yaml(recipe, job, reason))
+        runs.record_state(output_dir, "running", name=recipe.name, max_steps=recipe.train.max_steps,
+                          checkpoint_dir=recipe.checkpoint_dir)
+        console.header(job, reason, data.cache_meta(Path(job.data_dir)))
         on_head = {"num_cpus": 0, "scheduling_strategy": _head_node_affinity()}
         queue = Queue(maxsize=10_000, actor_options=on_head)
         control = Control.options(**on_head).remote()

@@ -49,6 +49,9 @@ def _clean(row: dict[str, Any]) -> dict[str, Any]:
     return {k: (None if isinstance(v, float) and not math.isfinite(v) else v) for k, v in row.items() if v is not None}
 
 
+PER_RANK = "_per_rank"
+
+
 class Reporter:
     """Rank 0's sink for metrics (``metrics.jsonl`` and the driver's queue); no-ops elsewhere."""
 
@@ -127,7 +130,7 @@ class WandbRun:
         if step > self._step >= 0:
             self._note_committed(self._step)
         self._step = step
-        self._ensure().log({k: v for k, v in row.items() if k not in ("step", "time")}, step=step)
+        self._ensure().log(wandb_row(row), step=step)
 
     def finish(self, summary: dict[str, Any]) -> None:
         if self._run is not None:
@@ -138,3 +141,17 @@ class WandbRun:
     def _note_committed(self, step: int) -> None:
         self._committed = max(self._committed, step)
         (self.output_dir / WANDB_STEP_FILE).write_text(str(self._committed))
+
+
+def wandb_row(row: dict[str, Any]) -> dict[str, Any]:
+    """A metrics row as W&B keys: per-rank lists (``rss_bytes_per_rank``) become one series per rank,
+    grouped in the run as ``rank_<i>/<name>`` (W&B draws a panel section per prefix)."""
+    flat = {}
+    for key, value in row.items():
+        if key in ("step", "time"):
+            continue
+        if key.endswith(PER_RANK) and isinstance(value, list):
+            flat.update({f"rank_{i}/{key[: -len(PER_RANK)]}": v for i, v in enumerate(value)})
+        else:
+            flat[key] = value
+    return flat

@@ -23,10 +23,6 @@ def layout_problems(recipe: Recipe, *, available_gpus: int | None = None) -> lis
         problems.append(Problem("parallelism.workers_per_node",
                                 f"{par.workers_per_node} workers need {par.workers_per_node} GPUs, this machine has "
                                 f"{available_gpus}; lower it or set parallelism.num_nodes"))
-    if recipe.method.objective == "dpo":
-        # The DPO step and reference model exist (launcher/dpo.py) but the loop does not dispatch to them yet.
-        problems.append(Problem("method.objective", "dpo is not wired into the training loop in this version; "
-                                "use objective sft"))
     if par.use_gpu and available_gpus == 0 and recipe.cluster.address is None:
         problems.append(Problem("parallelism.use_gpu", "no GPU found on this machine; set it to false to train on CPU"))
     return problems
@@ -68,6 +64,12 @@ def make_plan(recipe: Recipe, source: str = "recipe") -> tuple[StrategyPlan, str
         mixed_precision=par.mixed_precision,
     ):
         problems.append(Problem("parallelism.strategy" if "strategy" in message else "method.kind", message))
+    if recipe.method.objective == "dpo" and recipe.method.kind == "full" and name == "deepspeed_zero3":
+        # Full-fine-tuning DPO keeps a frozen reference copy outside the engine; while ZeRO-3's config is
+        # alive, transformers builds every model partitioned, which a module outside the engine cannot run.
+        problems.append(Problem("parallelism.strategy", "method.objective dpo with method.kind full needs an "
+                                "unsharded reference copy, which deepspeed_zero3 cannot build; use strategy fsdp "
+                                "or deepspeed_zero2, or method.kind lora (its reference is the base itself)"))
     if problems:
         raise RecipeError(source, problems)
     return strategy_plan(recipe, name), reason

@@ -29,6 +29,10 @@ class StepResult:
     num_input_tokens: int  # non-pad input tokens in the global batch
     grad_norm: float | None
 
+    def metrics(self) -> dict[str, float]:
+        """Objective-specific metrics beyond the loss (none for next-token and classifier losses)."""
+        return {}
+
 
 def token_loss_sum(model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
     """Sum of next-token cross-entropy over positions whose label is not ignored

@@ -34,7 +34,13 @@ from tunefleet.launcher.errors import UserError
 # --------------------------------------------------------------------------- synthetic tasks
 Example = tuple[str, str, str]  # (instruction, input, output)
 
-_WORDS = ["river", "garden", "window", "lantern", "teacher", "market", "bridge", "forest", "letter", "kettle", "harbor", "candle", "mountain", "village", "engine", "pocket", "meadow", "violin", "basket", "tower", "table", "mirror", "pencil", "ladder", "blanket", "island", "rocket", "summer", "winter", "orange", "silver", "yellow", "quiet", "bright", "gentle", "narrow", "golden", "purple", "simple", "clever", "hollow", "distant"]
+_WORDS = [
+    "river", "garden", "window", "lantern", "teacher", "market", "bridge", "forest", "letter", "kettle",
+    "harbor", "candle", "mountain", "village", "engine", "pocket", "meadow", "violin", "basket", "tower",
+    "table", "mirror", "pencil", "ladder", "blanket", "island", "rocket", "summer", "winter", "orange",
+    "silver", "yellow", "quiet", "bright", "gentle", "narrow", "golden", "purple", "simple", "clever",
+    "hollow", "distant",
+]
 _NOUNS, _ADJECTIVES = _WORDS[:30], _WORDS[30:]
 _VERBS = ["rested", "waited", "glowed", "leaned", "drifted", "stood", "slept", "turned", "moved", "shone"]
 _PREPOSITIONS = ["near", "under", "beside", "behind", "above", "across"]
@@ -195,7 +201,7 @@ TOKENIZER_VOCAB_SIZE = 1024
 # Qwen2's pipeline (digits split one by one): AutoTokenizer rebuilds this very
 # pipeline for `qwen2` folders, so every arch must use it to encode the same.
 _PRETOKENIZE_REGEX = (
-    r"""(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"""
+    r"""(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"""  # noqa: E501 (one regex)
 )
 
 CHAT_TEMPLATE = (
@@ -217,7 +223,9 @@ def _untrained_tokenizer() -> Tokenizer:
     return backend
 
 
-def build_tokenizer(texts: Iterable[str], vocab_size: int = TOKENIZER_VOCAB_SIZE) -> transformers.PreTrainedTokenizerFast:
+def build_tokenizer(
+    texts: Iterable[str], vocab_size: int = TOKENIZER_VOCAB_SIZE
+) -> transformers.PreTrainedTokenizerFast:
     """A deterministic byte-level BPE with ChatML special tokens; encoding adds no special tokens."""
     backend = _untrained_tokenizer()
     trainer = trainers.BpeTrainer(

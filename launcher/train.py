@@ -12,7 +12,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-from tunefleet.launcher import data, modeling, throughput
+from tunefleet.launcher import data, dpo, modeling, throughput
 from tunefleet.launcher.checkpoint import CheckpointManager, latest
 from tunefleet.launcher.control import StopPoller
 from tunefleet.launcher.metrics import Reporter
@@ -89,6 +89,8 @@ def run(job: Job, reporter: Reporter, control=None, node: str | None = None) -> 
         if eval_split is not None else None
     )
 
+    step_fn, evaluate_fn = objective(recipe, job.model_path, device)
+
     # Resume from the newest complete checkpoint, if any.
     checkpoints = CheckpointManager(
         recipe.checkpoint_dir, recipe.checkpoint.keep_last, async_save=recipe.checkpoint.async_save
@@ -112,7 +114,7 @@ def run(job: Job, reporter: Reporter, control=None, node: str | None = None) -> 
         reporter.log({"step": step, "checkpoint_stall_s": time.perf_counter() - started})
 
     if eval_set is not None and start_step == 0:
-        reporter.log({"step": 0, "eval_loss": evaluate(strategy, eval_set, device)})
+        reporter.log({"step": 0, **evaluate_fn(strategy, eval_set, device)})
 
     # The loop.
     every_eval, every_ckpt = recipe.train.eval_every_steps, recipe.checkpoint.every_steps
@@ -125,7 +127,7 @@ def run(job: Job, reporter: Reporter, control=None, node: str | None = None) -> 
         )
         inject_fault(job, rank, step, "step")
         started = time.perf_counter()
-        result = train_step(strategy, micro_batches, device)
+        result = step_fn(strategy, micro_batches, device)
         step_time_s = time.perf_counter() - started
         tokens_seen += result.num_input_tokens
         done = step + 1
@@ -140,10 +142,11 @@ def run(job: Job, reporter: Reporter, control=None, node: str | None = None) -> 
                 "tokens_per_s_per_worker": result.num_input_tokens / step_time_s / world_size,
                 "samples_per_s": rows / step_time_s, "step_time_s": step_time_s, "tokens_seen": tokens_seen,
                 "mfu": flops / step_time_s / (peak_flops * world_size) if peak_flops else None,
-                "restarts": restarts, **memory_per_rank(strategy, device),
+                "packing_efficiency": batch_fill(micro_batches), "restarts": restarts,
+                **result.metrics(), **memory_per_rank(strategy, device),
             })
         if eval_set is not None and every_eval and done % every_eval == 0 and done != recipe.train.max_steps:
-            reporter.log({"step": done, "eval_loss": evaluate(strategy, eval_set, device)})
+            reporter.log({"step": done, **evaluate_fn(strategy, eval_set, device)})
         saved = every_ckpt and done % every_ckpt == 0 and done != recipe.train.max_steps
         if saved:
             save_checkpoint(done)
@@ -157,7 +160,7 @@ def run(job: Job, reporter: Reporter, control=None, node: str | None = None) -> 
     # The end: final eval, a last checkpoint, and the exported model.
     final_step = recipe.train.max_steps
     if eval_set is not None and start_step < final_step:
-        reporter.log({"step": final_step, "eval_loss": evaluate(strategy, eval_set, device)})
+        reporter.log({"step": final_step, **evaluate_fn(strategy, eval_set, device)})
     if every_ckpt and start_step < final_step:
         save_checkpoint(final_step)
     checkpoints.wait()
@@ -169,6 +172,24 @@ def run(job: Job, reporter: Reporter, control=None, node: str | None = None) -> 
         dist.barrier()
     strategy.teardown()
     return {"final_dir": str(final_dir) if recipe.checkpoint.export_final else None, "preflight": preflight}
+
+
+def objective(recipe: Recipe, model_path: str, device: torch.device):
+    """(step, evaluation) for ``method.objective``: the token/classifier loss, or DPO against a frozen
+    reference (LoRA: the policy with adapters disabled; full: a copy of the starting weights)."""
+    if recipe.method.objective != "dpo":
+        return train_step, lambda strategy, batches, device: {"eval_loss": evaluate(strategy, batches, device)}
+    reference, beta = dpo.load_reference(recipe, model_path, device), recipe.method.beta
+    return (
+        lambda strategy, batches, device: dpo.dpo_step(strategy, reference, batches, device, beta=beta),
+        lambda strategy, batches, device: dpo.dpo_evaluate(strategy, reference, batches, device, beta=beta),
+    )
+
+
+def batch_fill(micro_batches: list[dict[str, torch.Tensor]]) -> float:
+    """This rank's share of non-pad token slots in the step's batches (packing efficiency as trained)."""
+    real = sum(int(mb["attention_mask"].sum()) for mb in micro_batches)
+    return real / max(sum(mb["attention_mask"].numel() for mb in micro_batches), 1)
 
 
 def memory_per_rank(strategy, device: torch.device) -> dict[str, list[int]]:

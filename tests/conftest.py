@@ -3,6 +3,7 @@ environment that keeps tests offline and hermetic, and a CLI runner."""
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
 import signal
@@ -77,15 +78,16 @@ class RayCluster:
         return node
 
     def alive_nodes(self) -> int:
-        import json as _json
-
+        """Alive nodes as Ray's GCS sees them (-1 when the probe fails). Ray prints warnings about
+        dead raylets to stdout too, so the count comes on a line of its own."""
         probe = subprocess.run(
             [str(BIN / "python"), "-c",
-             f"import ray, json; ray.init(address='{self.address}', logging_level='ERROR');"
-             "print(json.dumps(sum(n['Alive'] for n in ray.nodes())))"],
+             f"import ray; ray.init(address='{self.address}', logging_level='ERROR');"
+             "print('ALIVE_NODES', sum(n['Alive'] for n in ray.nodes()))"],
             capture_output=True, text=True, env=self.env,
         )
-        return _json.loads(probe.stdout.strip().splitlines()[-1])
+        counts = [line.split()[1] for line in probe.stdout.splitlines() if line.startswith("ALIVE_NODES ")]
+        return int(counts[-1]) if counts else -1
 
     def wait_for_nodes(self, count: int, timeout_s: float = 90) -> None:
         deadline = time.time() + timeout_s
@@ -96,9 +98,15 @@ class RayCluster:
 
     @staticmethod
     def kill(proc: subprocess.Popen) -> None:
-        """SIGKILL a node's whole process group (raylet, workers): a machine dying."""
+        """SIGKILL every process of a node's session (raylet, agents, workers): a machine dying.
+
+        Ray workers move to process groups of their own, so killing the group would
+        leave them training on; they all stay in the session `ray start` began."""
         if proc.poll() is None:
-            os.killpg(proc.pid, signal.SIGKILL)
+            for pid in (int(p) for p in os.listdir("/proc") if p.isdigit()):
+                with contextlib.suppress(ProcessLookupError, PermissionError):
+                    if os.getsid(pid) == proc.pid:
+                        os.kill(pid, signal.SIGKILL)
             proc.wait(timeout=30)
 
     def _wait_ready(self, timeout_s: float = 60) -> None:

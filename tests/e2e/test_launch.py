@@ -21,6 +21,7 @@ def check_run(run_dir: Path) -> tuple[list[dict], list[dict]]:
     for row in train:
         assert {"step", "loss", "lr", "tokens_per_s", "grad_norm", "samples_per_s", "step_time_s"} <= row.keys()
         assert row["tokens_per_s"] > 0 and 0 < row["mfu"] < 1 and row["restarts"] == 0
+        assert 0 < row["packing_efficiency"] < 1  # unpacked rows padded to the longest in each batch
         assert len(row["held_bytes_per_rank"]) == 2 and min(row["held_bytes_per_rank"]) > 0
         assert min(row["peak_rss_bytes_per_rank"]) >= min(row["rss_bytes_per_rank"]) > 0
     assert [r["step"] for r in evals] == [0, 12, STEPS]

@@ -4,6 +4,7 @@ losing a node mid-run, with and without `parallelism.min_workers`."""
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import time
 
@@ -31,11 +32,14 @@ def cluster():
     cluster.stop()
 
 
-def start_launch(cluster, out, *extra) -> subprocess.Popen:
+def start_launch(cluster, out, *extra, pause_after: int | None = None) -> subprocess.Popen:
+    """`tunefleet launch` on the cluster; ``pause_after``: rank 1 stalls once after that step, so a node
+    killed then dies mid-run however fast the steps are (the tiny model takes about 0.1 s a step)."""
+    env = {**os.environ, "TUNEFLEET_FAULT": f"rank=1,step={pause_after},kind=stall"} if pause_after else None
     return subprocess.Popen(
         [str(BIN / "tunefleet"), "launch", FULL, f"--set=output_dir={out}", *COMMON, *TWO_NODES, *extra,
          "--address", cluster.address],
-        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env,
     )
 
 
@@ -68,8 +72,8 @@ def test_one_worker_per_node_trains_to_completion(cluster, tmp_path):
 
 def test_node_loss_continues_on_fewer_workers_with_min_workers(cluster, tmp_path):
     out = tmp_path / "shrink"
-    proc = start_launch(cluster, out, "--set=parallelism.min_workers=1")
-    wait_for_step(out, 10, proc)  # past the step-8 checkpoint
+    proc = start_launch(cluster, out, "--set=parallelism.min_workers=1", pause_after=10)
+    wait_for_step(out, 10, proc)  # past the step-8 checkpoint, paused before step 11
     RayCluster.kill(cluster.nodes[1])
     stdout = finish(proc)
     assert "resuming from" in stdout and "step_8" in stdout
@@ -78,7 +82,7 @@ def test_node_loss_continues_on_fewer_workers_with_min_workers(cluster, tmp_path
 
 def test_node_loss_waits_for_a_replacement_without_min_workers(cluster, tmp_path):
     out = tmp_path / "replace"
-    proc = start_launch(cluster, out)
+    proc = start_launch(cluster, out, pause_after=10)
     wait_for_step(out, 10, proc)
     RayCluster.kill(cluster.nodes[1])
     cluster.wait_for_nodes(2)

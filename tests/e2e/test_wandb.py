@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 
 from tests.e2e.conftest import FULL, STEPS, launch
-from tests.utils.wandb_offline import history_steps
+from tests.utils.wandb_offline import history_keys, history_steps
 
 pytestmark = pytest.mark.e2e
 
@@ -26,6 +26,10 @@ def test_one_run_with_increasing_steps_across_a_restart(ray_cluster, tmp_path):
     (steps,) = runs.values()
     assert steps == list(range(0, STEPS + 1))
     assert len(list((out / "wandb").glob("offline-run-*"))) == 2  # one per launch (restarts share one)
+    keys = history_keys(out / "wandb")
+    assert {"loss", "eval_loss", "tokens_per_s", "mfu", "packing_efficiency", "restarts"} <= keys
+    for rank in (0, 1):  # per-rank system metrics, grouped by rank in the one run
+        assert {f"rank_{rank}/held_bytes", f"rank_{rank}/rss_bytes"} <= keys, sorted(keys)
 
     leaks = [str(p) for p in out.rglob("*") if p.is_file() and PLANTED_KEY.encode() in p.read_bytes()]
     assert not leaks, f"API key written to {leaks}"

@@ -34,12 +34,19 @@ def broken(raw: dict, case: str) -> dict | str:
         raw["model"]["path"] = "/nonexistent/model"
     elif case == "layout":
         raw["parallelism"]["use_gpu"] = True
+    elif case == "dpo_zero3":  # full-fine-tuning DPO needs an unsharded reference copy
+        raw["data"]["sources"] = [{"path": str(REPO / "recipes/tiny/data/preference/train.jsonl"),
+                                   "format": "preference"}]
+        raw["data"]["eval"]["path"] = str(REPO / "recipes/tiny/data/preference/eval.jsonl")
+        raw["method"]["objective"] = "dpo"
+        raw["parallelism"]["strategy"] = "deepspeed_zero3"
     return raw
 
 
 EXPECTED = {
     "malformed": "malformed YAML", "unknown_key": "train.learning_rate", "mistyped": "train.micro_batch_size",
     "missing_data": "data.sources.0.path", "missing_model": "model.path", "layout": "parallelism.use_gpu",
+    "dpo_zero3": "parallelism.strategy: method.objective dpo with method.kind full",
 }
 
 

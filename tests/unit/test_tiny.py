@@ -99,7 +99,8 @@ def test_tokenizer_is_deterministic_within_a_process(tokenizer):
 
 def test_tokenizer_is_deterministic_across_processes(tokenizer):
     # Nodes build their own copy: string hashing and Rust's HashMap order must not matter.
-    code = "from tunefleet.launcher import tiny; print(tiny.build_tokenizer(tiny.tokenizer_corpus()).backend_tokenizer.to_str())"
+    code = ("from tunefleet.launcher import tiny; "
+            "print(tiny.build_tokenizer(tiny.tokenizer_corpus()).backend_tokenizer.to_str())")
     env = {**os.environ, "PYTHONHASHSEED": "12345"}
     out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True, timeout=120)
     assert out.stdout.strip() == tokenizer.backend_tokenizer.to_str()

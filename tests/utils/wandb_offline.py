@@ -52,3 +52,13 @@ def history_steps(wandb_dir: Path) -> dict[str, list[int]]:
                 if record.WhichOneof("record_type") == "history":
                     steps.setdefault(run_id, []).append(record.history.step.num)
     return steps
+
+
+def history_keys(wandb_dir: Path) -> set[str]:
+    """Every metric key logged to history, across every offline run folder."""
+    keys = set()
+    for path in wandb_dir.glob("offline-run-*/run-*.wandb"):
+        for record in records(path):
+            if record.WhichOneof("record_type") == "history":
+                keys.update(item.key or "/".join(item.nested_key) for item in record.history.item)
+    return keys

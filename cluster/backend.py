@@ -18,10 +18,10 @@ from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any, Protocol
 
-# name -> "module:Class"; a new backend adds one line here.
+# name -> the module that implements `Backend`; a new backend adds one line here.
 BACKENDS: dict[str, str] = {
-    "slurm": "tunefleet.cluster.slurm:SlurmBackend",
-    "kubernetes": "tunefleet.cluster.kubernetes:KubernetesBackend",
+    "slurm": "tunefleet.cluster.slurm",
+    "kubernetes": "tunefleet.cluster.kubernetes",
 }
 DEFAULT_BACKEND = "slurm"  # what a bare job id (no `name:` prefix) refers to
 
@@ -52,7 +52,8 @@ class JobStatus:
 
 
 class Backend(Protocol):
-    """The surface `tunefleet submit/status/logs/cancel` uses."""
+    """The surface `tunefleet submit/status/logs/cancel` uses, met by a backend *module*'s
+    `name` and functions (no adapter class: each module is the backend)."""
 
     name: str
 
@@ -74,8 +75,7 @@ class Backend(Protocol):
 def get_backend(name: str) -> Backend:
     if name not in BACKENDS:
         raise ClusterError(f"unknown backend {name!r}; choose one of: {', '.join(sorted(BACKENDS))}")
-    module_name, _, class_name = BACKENDS[name].partition(":")
-    return getattr(importlib.import_module(module_name), class_name)()
+    return importlib.import_module(BACKENDS[name])
 
 
 def parse_job_ref(ref: str) -> tuple[str, str]:

@@ -468,22 +468,15 @@ def cancel(job_id: str) -> JobStatus:
     return current
 
 
-class KubernetesBackend:
-    """`--to kubernetes`; `options` is the effective `cluster.kubernetes` (a KubernetesConfig)."""
+# --------------------------------------------------------------------------- the backend (see backend.Backend)
+name = "kubernetes"
 
-    name = "kubernetes"
 
-    def render(self, recipe: Any, recipe_path: str, overrides: Sequence[str], options: Any) -> str:
-        return to_yaml(recipe, manifests(recipe, options))
+def render(recipe: Any, recipe_path: str, overrides: Sequence[str], options: Any) -> str:
+    """The manifests `submit` would apply, as one YAML stream."""
+    return to_yaml(recipe, manifests(recipe, options))
 
-    def submit(self, recipe: Any, recipe_path: str, overrides: Sequence[str], options: Any) -> str:
-        return submit_manifests(manifests(recipe, options))
 
-    def status(self, job_id: str) -> JobStatus:
-        return status(job_id)
-
-    def logs(self, job_id: str, follow: bool) -> Iterator[str]:
-        return logs(job_id, follow)
-
-    def cancel(self, job_id: str) -> JobStatus:
-        return cancel(job_id)
+def submit(recipe: Any, recipe_path: str, overrides: Sequence[str], options: Any) -> str:
+    """Apply the manifests; the RayJob as `namespace/name`."""
+    return submit_manifests(manifests(recipe, options))

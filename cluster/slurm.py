@@ -153,24 +153,9 @@ def _bin_dir(options: Any) -> str:
     return str(here)
 
 
-# --------------------------------------------------------------------------- the backend
-class SlurmBackend:
-    name = "slurm"
-
-    def render(self, recipe: Any, recipe_path: str, overrides: Sequence[str], options: Any) -> str:
-        return render_sbatch(recipe, recipe_path, overrides, options)
-
-    def submit(self, recipe: Any, recipe_path: str, overrides: Sequence[str], options: Any) -> str:
-        return submit(recipe, recipe_path, overrides, options)
-
-    def status(self, job_id: str) -> JobStatus:
-        return status(job_id)
-
-    def logs(self, job_id: str, follow: bool) -> Iterator[str]:
-        return logs(job_id, follow)
-
-    def cancel(self, job_id: str) -> JobStatus:
-        return cancel(job_id)
+# --------------------------------------------------------------------------- the backend (see backend.Backend)
+name = "slurm"
+render = render_sbatch
 
 
 def submit(recipe: Any, recipe_path: str, overrides: Sequence[str], options: Any) -> str:

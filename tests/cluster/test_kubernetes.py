@@ -246,7 +246,7 @@ def test_plugs_into_the_backend_registry(monkeypatch):
 
     from tunefleet.cluster import backend
 
-    monkeypatch.setitem(backend.BACKENDS, "kubernetes", "tunefleet.cluster.kubernetes:KubernetesBackend")
+    monkeypatch.setitem(backend.BACKENDS, "kubernetes", "tunefleet.cluster.kubernetes")
     assert backend.parse_job_ref("kubernetes:ml/demo") == ("kubernetes", "ml/demo")
     plugged = backend.get_backend("kubernetes")
     assert plugged.name == "kubernetes"
@@ -420,7 +420,7 @@ CORE = "/api/v1/namespaces/ml"
 
 def test_submit_creates_configmap_claim_and_rayjob(kube_api, tmp_path):
     recipe, path = make_recipe(tmp_path)
-    job_id = k8s.KubernetesBackend().submit(recipe, str(path), [], recipe.cluster.kubernetes)
+    job_id = k8s.submit(recipe, str(path), [], recipe.cluster.kubernetes)
     assert job_id == "ml/demo-run-1"
     assert kube_api.calls() == [
         ("GET", f"{RAYJOBS}/demo-run-1"), ("POST", f"{CORE}/configmaps"),
@@ -437,7 +437,7 @@ def test_submit_reuses_claim_and_replaces_stale_configmap(kube_api, tmp_path):
     recipe, path = make_recipe(tmp_path)
     kube_api.put("configmaps", "ml", {"metadata": {"name": "demo-run-1-recipe"}, "data": {"recipe.yaml": "old"}})
     kube_api.put("persistentvolumeclaims", "ml", {"metadata": {"name": "demo-run-1-shared"}})
-    k8s.KubernetesBackend().submit(recipe, str(path), [], recipe.cluster.kubernetes)
+    k8s.submit(recipe, str(path), [], recipe.cluster.kubernetes)
     assert ("PUT", f"{CORE}/configmaps/demo-run-1-recipe") in kube_api.calls()
     assert ("POST", f"{CORE}/persistentvolumeclaims") not in kube_api.calls()
     assert kube_api.objects[("configmaps", "ml", "demo-run-1-recipe")]["data"] == render(recipe)[0]["data"]
@@ -447,14 +447,14 @@ def test_submit_refuses_a_live_job_of_the_same_name(kube_api, tmp_path):
     recipe, path = make_recipe(tmp_path)
     kube_api.put("rayjobs", "ml", {"metadata": {"name": "demo-run-1"}, "status": {"jobDeploymentStatus": "Running"}})
     with pytest.raises(ClusterError, match=r"is Running; `tunefleet cancel kubernetes:ml/demo-run-1`"):
-        k8s.KubernetesBackend().submit(recipe, str(path), [], recipe.cluster.kubernetes)
+        k8s.submit(recipe, str(path), [], recipe.cluster.kubernetes)
     assert kube_api.calls() == [("GET", f"{RAYJOBS}/demo-run-1")]
 
 
 def test_submit_replaces_a_finished_job(kube_api, tmp_path):
     recipe, path = make_recipe(tmp_path)
     kube_api.put("rayjobs", "ml", {"metadata": {"name": "demo-run-1"}, "status": {"jobDeploymentStatus": "Failed"}})
-    k8s.KubernetesBackend().submit(recipe, str(path), [], recipe.cluster.kubernetes)
+    k8s.submit(recipe, str(path), [], recipe.cluster.kubernetes)
     assert kube_api.calls()[:3] == [("GET", f"{RAYJOBS}/demo-run-1"), ("DELETE", f"{RAYJOBS}/demo-run-1"),
                                     ("GET", f"{RAYJOBS}/demo-run-1")]
     assert kube_api.calls()[-1] == ("POST", RAYJOBS)
@@ -464,7 +464,7 @@ def test_submit_replaces_a_finished_job(kube_api, tmp_path):
 def test_status_reads_deployment_and_job_status(kube_api):
     kube_api.put("rayjobs", "ml", {"metadata": {"name": "demo"}, "status": {
         "jobDeploymentStatus": "Running", "jobStatus": "RUNNING", "rayClusterName": "demo-raycluster-x1", "failed": 1}})
-    backend = k8s.KubernetesBackend()
+    backend = k8s
     status = backend.status("ml/demo")
     assert (status.job_id, status.state, status.nodes, status.restarts, status.finished) == (
         "kubernetes:ml/demo", "Running", "demo-raycluster-x1", 1, False)
@@ -480,22 +480,22 @@ def test_logs_stream_the_submitter_pod(kube_api):
     kube_api.put("pods", "ml", {"metadata": {"name": "demo-rc-head-0", "labels": {
         "ray.io/cluster": "demo-rc", "ray.io/node-type": "head"}}})
     kube_api.log_chunks = [b"step 1 loss 2.0\n", b"caf\xc3", b"\xa9 done\n"]
-    assert "".join(k8s.KubernetesBackend().logs("ml/demo", follow=False)) == "step 1 loss 2.0\ncafé done\n"
+    assert "".join(k8s.logs("ml/demo", follow=False)) == "step 1 loss 2.0\ncafé done\n"
     assert kube_api.calls()[-1] == ("GET", f"{CORE}/pods/demo-rc-head-0/log")  # no submitter pod yet: the head
     kube_api.put("pods", "ml", {"metadata": {"name": "demo-abcde", "labels": {"job-name": "demo"}}})
-    assert "".join(k8s.KubernetesBackend().logs("ml/demo", follow=True)).endswith("café done\n")
+    assert "".join(k8s.logs("ml/demo", follow=True)).endswith("café done\n")
     last = kube_api.requests[-1]
     assert (last.path, last.query.get("follow")) == (f"{CORE}/pods/demo-abcde/log", ["true"])
 
 
 def test_cancel_deletes_a_live_rayjob_in_the_foreground(kube_api):
     kube_api.put("rayjobs", "ml", {"metadata": {"name": "demo"}, "status": {"jobDeploymentStatus": "Running"}})
-    before = k8s.KubernetesBackend().cancel("kubernetes:ml/demo")
+    before = k8s.cancel("kubernetes:ml/demo")
     assert before.state == "Running" and ("rayjobs", "ml", "demo") not in kube_api.objects
     delete = kube_api.requests[-1]
     assert (delete.method, delete.path, delete.body["propagationPolicy"]) == ("DELETE", f"{RAYJOBS}/demo", "Foreground")
     kube_api.put("rayjobs", "ml", {"metadata": {"name": "done"}, "status": {"jobDeploymentStatus": "Complete"}})
-    assert k8s.KubernetesBackend().cancel("ml/done").finished
+    assert k8s.cancel("ml/done").finished
     assert kube_api.calls()[-1] == ("GET", f"{RAYJOBS}/done")  # a finished job is left as it is
 
 

@@ -13,6 +13,7 @@ from tests.e2e.conftest import FULL, launch, read_metrics
 pytestmark = pytest.mark.e2e
 
 DPO = "recipes/tiny/llama-dpo-ddp.yaml"
+CLASSIFY = "recipes/tiny/llama-classify-ddp.yaml"
 
 
 def test_packing_fills_the_rows_and_reports_it(ray_cluster, baseline_full, tmp_path):
@@ -44,3 +45,15 @@ def test_dpo_raises_preference_accuracy_on_held_out_pairs(ray_cluster, tmp_path)
     assert summary["eval_reward_accuracy_after"] >= 0.6 and summary["eval_loss_after"] < summary["eval_loss_before"]
     assert "eval reward accuracy after" in result.stdout
     assert (out / "final" / "model.safetensors").is_file()
+
+
+def test_sequence_classification_learns_the_shipped_labels(ray_cluster, tmp_path):
+    out = tmp_path / "classify"
+    launch(CLASSIFY, out, "--set=train.max_steps=24", address=ray_cluster.address)
+    _, evals = read_metrics(out)
+    assert evals[0]["eval_loss"] > 1.0  # about ln(5) for a random head over 5 labels
+    assert evals[-1]["eval_loss"] < 0.5 * evals[0]["eval_loss"], evals
+    from transformers import AutoModelForSequenceClassification
+
+    model = AutoModelForSequenceClassification.from_pretrained(out / "final")
+    assert model.config.num_labels == 5

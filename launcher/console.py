@@ -12,6 +12,9 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 from rich.table import Table
 
+# Evaluation figures beyond the loss that the summary shows before and after training.
+TASK_METRICS = ("eval_accuracy", "eval_f1", "eval_reward_accuracy")
+
 
 class LaunchConsole:
     def __init__(self, enabled: bool = True, console: Console | None = None):
@@ -88,9 +91,8 @@ class LaunchConsole:
             "last_loss": rows[-1]["loss"] if rows else None,
             "eval_loss_before": evals[0]["eval_loss"] if evals else None,
             "eval_loss_after": evals[-1]["eval_loss"] if evals else None,
-            **({"eval_reward_accuracy_before": evals[0]["eval_reward_accuracy"],
-                "eval_reward_accuracy_after": evals[-1]["eval_reward_accuracy"]}
-               if evals and "eval_reward_accuracy" in evals[0] else {}),
+            **{f"{key}_{when}": row[key] for key in TASK_METRICS for when, row in
+               (("before", evals[0] if evals else {}), ("after", evals[-1] if evals else {})) if key in row},
             "packing_efficiency": (statistics.fmean(fills) if (fills := [r["packing_efficiency"] for r in rows
                                                                           if "packing_efficiency" in r]) else None),
             "wall_time_s": round(wall_time_s, 1),

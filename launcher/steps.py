@@ -100,3 +100,40 @@ def evaluate(strategy: Strategy, batches: list[dict[str, torch.Tensor]], device:
         targets += _count_targets(batch)
     total_loss, total_targets = _all_reduce_sum([loss_sum, targets], device)
     return total_loss / max(total_targets, 1.0)
+
+
+@torch.no_grad()
+def evaluate_classifier(strategy: Strategy, batches: list[dict[str, torch.Tensor]], device: torch.device,
+                        num_labels: int) -> dict[str, float]:
+    """Loss, accuracy and macro F1 of a sequence classifier over every rank's eval rows.
+
+    Per-class counts (true positives, predicted, actual) are summed over ranks
+    before dividing, so the figures are those of the whole eval set; padding
+    rows (label ignored) count nowhere. Macro F1 averages the classes that
+    occur in the labels or the predictions.
+    """
+    model = strategy.model
+    model.eval()
+    loss_sum = torch.zeros(1, dtype=torch.float64, device=device)
+    counts = torch.zeros(3, num_labels, dtype=torch.float64, device=device)
+    for batch in batches:
+        batch = {k: v.to(device) for k, v in batch.items()}
+        logits = model(**model_inputs(batch), use_cache=False).logits.float()
+        labels = batch["labels"]
+        loss_sum += F.cross_entropy(logits, labels, ignore_index=IGNORE_INDEX, reduction="sum").double()
+        real = labels != IGNORE_INDEX
+        predicted, actual = logits.argmax(-1)[real], labels[real]
+        counts += torch.stack([
+            torch.bincount(actual[predicted == actual], minlength=num_labels),
+            torch.bincount(predicted, minlength=num_labels),
+            torch.bincount(actual, minlength=num_labels),
+        ]).double()
+    totals = torch.cat([loss_sum, counts.flatten()])
+    if dist.is_initialized():
+        dist.all_reduce(totals)
+    true_positive, predicted, actual = totals[1:].view(3, num_labels)
+    rows = max(float(actual.sum()), 1.0)
+    seen = (predicted + actual) > 0
+    f1 = (2 * true_positive[seen] / (predicted[seen] + actual[seen])).mean() if seen.any() else torch.zeros(())
+    return {"eval_loss": float(totals[0]) / rows, "eval_accuracy": float(true_positive.sum()) / rows,
+            "eval_f1": float(f1)}

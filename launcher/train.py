@@ -19,7 +19,7 @@ from tunefleet.launcher.metrics import Reporter
 from tunefleet.launcher.plan import rebalance
 from tunefleet.launcher.preflight import run_preflight
 from tunefleet.launcher.recipe import Recipe
-from tunefleet.launcher.steps import evaluate, train_step
+from tunefleet.launcher.steps import evaluate, evaluate_classifier, train_step
 from tunefleet.strategies import base as strategies
 from tunefleet.strategies.base import StrategyPlan
 
@@ -175,8 +175,12 @@ def run(job: Job, reporter: Reporter, control=None, node: str | None = None) -> 
 
 
 def objective(recipe: Recipe, model_path: str, device: torch.device):
-    """(step, evaluation) for ``method.objective``: the token/classifier loss, or DPO against a frozen
-    reference (LoRA: the policy with adapters disabled; full: a copy of the starting weights)."""
+    """(step, evaluation) for the recipe: the token loss; the classifier loss with accuracy and macro F1;
+    or DPO against a frozen reference (LoRA: the policy with adapters disabled; full: a copy of the
+    starting weights)."""
+    if recipe.model.task == "sequence_classification":
+        labels = recipe.model.num_labels
+        return train_step, lambda strategy, batches, device: evaluate_classifier(strategy, batches, device, labels)
     if recipe.method.objective != "dpo":
         return train_step, lambda strategy, batches, device: {"eval_loss": evaluate(strategy, batches, device)}
     reference, beta = dpo.load_reference(recipe, model_path, device), recipe.method.beta

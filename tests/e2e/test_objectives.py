@@ -53,6 +53,9 @@ def test_sequence_classification_learns_the_shipped_labels(ray_cluster, tmp_path
     _, evals = read_metrics(out)
     assert evals[0]["eval_loss"] > 1.0  # about ln(5) for a random head over 5 labels
     assert evals[-1]["eval_loss"] < 0.5 * evals[0]["eval_loss"], evals
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["eval_accuracy_after"] >= 0.6 > summary["eval_accuracy_before"], summary
+    assert 0 < summary["eval_f1_after"] <= 1
     from transformers import AutoModelForSequenceClassification
 
     model = AutoModelForSequenceClassification.from_pretrained(out / "final")

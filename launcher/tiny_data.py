@@ -1,4 +1,4 @@
-"""The shipped preference (DPO) and classification sets for the tiny models.
+"""The shipped preference (DPO), classification and sentiment sets.
 
 Both are derived from the tiny instruction tasks (``tiny.dataset_rows``), so
 they share its train/eval separation. A preference pair's prompt is the
@@ -6,6 +6,12 @@ instruction in the alpaca template; the chosen response is the right answer,
 the rejected one a typical mistake (the word not reversed, the text left in
 lowercase, the letters unsorted, a sum off by a little, another capital). A
 classification row is the instruction (and input) labelled with its task.
+
+The sentiment set is short product and place reviews labelled ``negative`` or
+``positive``, from templates over opinion words, with negations ("was not
+great") and contrasts ("X, but Y": the clause after "but" decides) so that a
+bag of words alone does not solve it. It is the data of the MiniLM
+"BERT for sentiment" recipe.
 
 Regenerate the committed files with
 ``python -m tunefleet.launcher.tiny_data recipes/tiny/data``.
@@ -26,6 +32,14 @@ from tunefleet.launcher.tiny import dataset_rows
 TASK_LABELS = ("reverse", "uppercase", "sort", "add", "capital")
 _TASK_BY_FIRST_WORD = {"Reverse": "reverse", "Uppercase": "uppercase", "Sort": "sort", "Add": "add"}
 _SIZES = {"train": (1000, 600), "eval": (100, 100)}  # (preference pairs, classification rows)
+_SENTIMENT_SIZES = {"train": 800, "eval": 200}
+_SUBJECTS = ("the hotel", "this phone", "the pasta", "our guide", "the battery", "the concert", "this jacket",
+             "the service", "the app", "the museum", "this blender", "the train ride", "the coffee", "the film",
+             "the staff", "this keyboard", "the room", "the book", "the delivery", "the lesson")
+_POSITIVE = ("great", "wonderful", "excellent", "lovely", "superb", "delightful", "reliable", "fantastic",
+             "pleasant", "impressive")
+_NEGATIVE = ("terrible", "awful", "disappointing", "poor", "dreadful", "broken", "boring", "rude", "useless",
+             "horrible")
 
 
 def task_of(row: dict) -> str:
@@ -61,6 +75,26 @@ def classification_csv(rows: list[dict]) -> str:
     return buffer.getvalue()
 
 
+def _clause(rng: random.Random, positive: bool) -> str:
+    """A clause with this polarity: an opinion word, or the opposite word negated."""
+    if rng.random() < 0.3:
+        return f"{rng.choice(_SUBJECTS)} was not {rng.choice(_NEGATIVE if positive else _POSITIVE)}"
+    return f"{rng.choice(_SUBJECTS)} was {rng.choice(_POSITIVE if positive else _NEGATIVE)}"
+
+
+def sentiment_csv(num_rows: int, rng: random.Random) -> str:
+    buffer = io.StringIO()
+    writer = csv.writer(buffer, lineterminator="\n")
+    writer.writerow(["text", "label"])
+    for _ in range(num_rows):
+        positive = rng.random() < 0.5
+        text = _clause(rng, positive)
+        if rng.random() < 0.35:  # a contrast: the first clause has the other polarity
+            text = f"{_clause(rng, not positive)}, but {text}"
+        writer.writerow([text[0].upper() + text[1:] + ".", "positive" if positive else "negative"])
+    return buffer.getvalue()
+
+
 def file_contents(seed: int = 0) -> dict[str, str]:
     """Every file's text keyed by its path under the data folder; a pure function of ``seed``."""
     rows = dataset_rows(seed)
@@ -72,6 +106,9 @@ def file_contents(seed: int = 0) -> dict[str, str]:
         pairs = preference_rows(source[:num_pairs], rng, capitals)
         files[f"preference/{split}.jsonl"] = "".join(json.dumps(p, ensure_ascii=False) + "\n" for p in pairs)
         files[f"classification/{split}.csv"] = classification_csv(source[-num_classified:])
+    sentiment = random.Random(seed + 1)
+    for split, num_rows in _SENTIMENT_SIZES.items():
+        files[f"sentiment/{split}.csv"] = sentiment_csv(num_rows, sentiment)
     return files
 
 

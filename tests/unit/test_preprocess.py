@@ -140,7 +140,8 @@ def test_preprocess_report_counts_and_renders(tmp_path):
 def test_shipped_preference_and_classification_sets_regenerate_byte_for_byte(tmp_path):
     written = tiny_data.generate(tmp_path)
     assert {p.relative_to(tmp_path).as_posix() for p in written} == {
-        "preference/train.jsonl", "preference/eval.jsonl", "classification/train.csv", "classification/eval.csv"}
+        "preference/train.jsonl", "preference/eval.jsonl", "classification/train.csv", "classification/eval.csv",
+        "sentiment/train.csv", "sentiment/eval.csv"}
     for path in written:
         shipped = TINY_DATA / path.relative_to(tmp_path)
         assert path.read_bytes() == shipped.read_bytes(), f"regenerate {shipped}"

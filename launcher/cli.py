@@ -13,7 +13,7 @@ from rich.table import Table
 
 from tunefleet.launcher.errors import RecipeError, TrainingFailed, UserError
 from tunefleet.launcher.export import export_command
-from tunefleet.launcher.recipe import Recipe, load_recipe, read_yaml
+from tunefleet.launcher.recipe import Recipe, load_recipe
 from tunefleet.launcher.submit import cancel, logs, status, submit
 
 app = typer.Typer(
@@ -31,11 +31,6 @@ SetOption = Annotated[
     typer.Option("--set", help="Override a recipe key, e.g. --set train.lr=1e-4 (repeatable; typed by the schema)."),
 ]
 RecipeArg = Annotated[Path, typer.Argument(help="Recipe YAML file.", show_default=False)]
-
-
-def recipes_root() -> Path:
-    """The shipped `recipes/` folder (the checkout this package was installed from)."""
-    return Path(__file__).resolve().parent.parent / "recipes"
 
 
 @app.command()
@@ -114,24 +109,34 @@ def validate(recipes: Annotated[list[Path], typer.Argument(help="Recipe files.",
         raise typer.Exit(2)
 
 
-def shipped_recipes() -> list[Path]:
-    return sorted(recipes_root().rglob("*.yaml"))
-
-
 @app.command("recipes")
 def list_recipes() -> None:
-    """List the shipped recipes, one line each."""
-    table = Table("recipe", "model", "method", "strategy", "workers", show_edge=False)
-    root = recipes_root()
+    """The shipped recipes: model, method, strategy, cluster and the planner's memory per GPU."""
+    from tunefleet.launcher.catalogue import entry, shipped_recipes
+
+    table = Table("recipe", "model", "method", "strategy", "cluster", "memory/GPU", show_edge=False)
+    table.columns[0].no_wrap = True
+    table.columns[-1].justify = "right"
     for path in shipped_recipes():
-        raw = read_yaml(path)
-        par = raw.get("parallelism", {})
-        table.add_row(
-            str(path.relative_to(root)), str(raw.get("model", {}).get("path")),
-            str(raw.get("method", {}).get("kind", "full")), str(par.get("strategy", "ddp")),
-            f"{par.get('num_nodes', 1)}x{par.get('workers_per_node', 1)}",
-        )
-    out.print(table)
+        row = entry(path)
+        table.add_row(row.name, row.model, row.method, row.strategy, row.cluster, row.memory)
+    wide = out if out.is_terminal else Console(width=200)  # piped output (grep, files): one recipe a line
+    wide.print(table)
+    out.print("memory/GPU: the planner's estimate for the recipe's strategy on the cluster it names; "
+              "copy one to edit with `tunefleet init --from NAME`", style="dim")
+
+
+@app.command()
+def init(
+    name: Annotated[str, typer.Option("--from", help="A shipped recipe, as `tunefleet recipes` names it.",
+                                      show_default=False)],
+    dest: Annotated[Path | None, typer.Option("--out", help="File (or folder) to write; default ./NAME.yaml.")] = None,
+) -> None:
+    """Copy a shipped recipe to edit; never overwrites a file."""
+    from tunefleet.launcher.catalogue import copy_recipe
+
+    written = copy_recipe(name, dest)
+    out.print(f"wrote {written}; edit it, then: tunefleet validate {written}", highlight=False)
 
 
 @app.command("runs")

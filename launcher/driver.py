@@ -39,11 +39,12 @@ def input_problems(recipe: Recipe) -> list[Problem]:
     return problems + sources.path_problems(recipe.data)
 
 
-def check_recipe(recipe: Recipe, source: str):
-    """Raise RecipeError with every input and layout problem; return (plan, reason)."""
+def check_recipe(recipe: Recipe, source: str, *, on_this_machine: bool = False):
+    """Raise RecipeError with every input and layout problem; return (plan, reason).
+    ``on_this_machine``: also check this machine's GPUs (an embedded Ray runs the workers here)."""
     problems = input_problems(recipe)
     try:
-        plan, reason = make_plan(recipe, source)
+        plan, reason = make_plan(recipe, source, on_this_machine=on_this_machine)
     except RecipeError as exc:
         problems.extend(exc.problems)
         plan = reason = None
@@ -59,10 +60,11 @@ class LaunchResult:
     preempted_at: int | None = None
 
 
-def prepare_job(recipe: Recipe, source: str, resume: str, prepare_data=None) -> tuple[Job, str]:
+def prepare_job(recipe: Recipe, source: str, resume: str, prepare_data=None,
+                on_this_machine: bool = False) -> tuple[Job, str]:
     """Check the recipe, settle the plan against any checkpoint, then tokenize (``prepare_data``: in
     this process by default; ``launch`` passes ``preprocess.prepare_on_ray`` once Ray is up)."""
-    plan, reason = check_recipe(recipe, source)
+    plan, reason = check_recipe(recipe, source, on_this_machine=on_this_machine)
     existing = checkpoint.latest(recipe.checkpoint_dir)
     if existing is not None and resume == "never":
         raise UserError(
@@ -103,7 +105,6 @@ def _worker_env(recipe: Recipe) -> dict[str, str]:
 def _connect(recipe: Recipe, address: str | None) -> None:
     import ray
 
-    address = address or recipe.cluster.address or os.environ.get("RAY_ADDRESS")
     if address:
         ray.init(address=address, logging_level="WARNING", log_to_driver=True)
         return
@@ -141,12 +142,14 @@ def launch(recipe: Recipe, *, source: str, address: str | None = None, resume: s
     from ray.util.queue import Queue
 
     console = console or LaunchConsole(enabled=recipe.logging.console)
-    check_recipe(recipe, source)  # input mistakes surface before Ray starts
+    address = address or recipe.cluster.address or os.environ.get("RAY_ADDRESS")
+    check_recipe(recipe, source, on_this_machine=address is None)  # input mistakes surface before Ray starts
     started = time.time()
     _connect(recipe, address)
     try:
         # Tokenize once, as a Ray task on this node; bad rows raise DataError here.
-        job, reason = prepare_job(recipe, source, resume, prepare_data=preprocess.prepare_on_ray)
+        job, reason = prepare_job(recipe, source, resume, prepare_data=preprocess.prepare_on_ray,
+                                  on_this_machine=address is None)
         output_dir = Path(recipe.output_dir)
         output_dir.mkdir(parents=True, exist_ok=True)
         (output_dir / RESOLVED_RECIPE).write_text(_resolved_yaml(recipe, job, reason))

@@ -6,8 +6,9 @@ checkpoint (``step`` or the latest) and writes, with no process group and no Ray
 - full fine-tuning: ``model.safetensors``, or ``model-0000i-of-0000n.safetensors``
   shards and ``model.safetensors.index.json`` above ``max_shard_size``; the config,
   the generation config and the tokenizer;
-- LoRA: a PEFT adapter folder (``adapter_config.json``, ``adapter_model.safetensors``)
-  and the tokenizer; with ``merge_lora`` the full model with the adapters merged in.
+- adapters (LoRA, QLoRA, IA3, prefix and prompt tuning): a PEFT adapter folder
+  (``adapter_config.json``, ``adapter_model.safetensors``) and the tokenizer; with
+  ``merge_lora`` (plain LoRA) the full model with the adapters merged in.
 
 Tensors are read one output shard at a time. A DCP checkpoint (ddp, fsdp) loads
 only the requested keys into fresh tensors. A DeepSpeed checkpoint goes through
@@ -50,6 +51,7 @@ DEFAULT_MAX_SHARD_SIZE = "5GB"
 _RESOLVED_RECIPE = "recipe.resolved.yaml"
 _ADAPTER_NAME = "default"  # the name PEFT gives the one adapter training attaches
 _PEFT_PREFIX = "base_model.model."
+_PROMPT_TABLE = f"prompt_encoder.{_ADAPTER_NAME}.embedding.weight"  # prefix/prompt tuning's virtual tokens
 _SIZE = re.compile(r"^(\d+)\s*([KMG]i?B|B)?$", re.IGNORECASE)
 _SIZE_UNITS = {"B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "KIB": 2**10, "MIB": 2**20, "GIB": 2**30}
 
@@ -170,9 +172,12 @@ def _merged_entries(specs: dict) -> dict[str, _Entry]:
 
 def _adapter_entries(specs: dict) -> list[_Entry]:
     """The adapter's tensors under the names PEFT saves them with (no adapter name)."""
-    keys = [key for key in specs if "lora_" in key or f".modules_to_save.{_ADAPTER_NAME}." in key]
+    if _PROMPT_TABLE in specs:  # prefix or prompt tuning (without projection): the table is the embedding
+        return [_Entry("prompt_embeddings", (_PROMPT_TABLE,))]
+    keys = [key for key in specs
+            if "lora_" in key or "ia3_l" in key or f".modules_to_save.{_ADAPTER_NAME}." in key]
     if not keys:
-        raise UserError("the checkpoint holds no LoRA weights; was the run trained with method.kind full?")
+        raise UserError("the checkpoint holds no adapter weights; was the run trained with method.kind full?")
     return [_Entry(key.replace("modules_to_save.", "").replace(f".{_ADAPTER_NAME}", ""), (key,)) for key in keys]
 
 
@@ -255,15 +260,8 @@ def _write_configs(skeleton: torch.nn.Module, model_path: str, out: Path, dtype:
 
 
 def _write_adapter_config(recipe: Recipe, model_path: str, out: Path) -> None:
-    """The LoRA config training attached (``modeling.load_model``), pointing at the base model."""
-    import peft
-
-    lora = recipe.method.lora
-    peft.LoraConfig(
-        r=lora.r, lora_alpha=lora.alpha, lora_dropout=lora.dropout, target_modules=lora.target_modules,
-        task_type="SEQ_CLS" if recipe.model.task == "sequence_classification" else "CAUSAL_LM",
-        base_model_name_or_path=model_path,
-    ).save_pretrained(out)
+    """The peft config training attached (``modeling.load_model``), pointing at the base model."""
+    modeling.peft_config(recipe.method, recipe.model.task, model_path).save_pretrained(out)
 
 
 def _write_folder(reader, recipe: Recipe, model_path: str, out: Path, *, kind: str, dtype: torch.dtype,
@@ -276,7 +274,8 @@ def _write_folder(reader, recipe: Recipe, model_path: str, out: Path, *, kind: s
     else:
         skeleton = _skeleton(recipe, model_path)
         entries = _model_entries(reader.specs, skeleton, merge_lora=kind == "merged")
-        lora_scale = recipe.method.lora.alpha / recipe.method.lora.r  # PEFT's (no rsLoRA); used to merge
+        lora = recipe.method.lora
+        lora_scale = lora.alpha / (math.sqrt(lora.r) if lora.use_rslora else lora.r)  # PEFT's; used to merge
         files, total_bytes = _write_tensors(reader, entries, out, "model", dtype=dtype, max_bytes=max_bytes,
                                             lora_scale=lora_scale)
         _write_configs(skeleton, model_path, out, dtype)
@@ -353,6 +352,13 @@ def _export_kind(recipe: Recipe, merge_lora: bool) -> Literal["full", "adapter",
     if merge_lora and method == "qlora":
         raise UserError("--merge-lora: a QLoRA base is 4-bit; export the adapter and merge it into a "
                         "full-precision base with PEFT")
+    if merge_lora and (method != "lora" or recipe.method.lora.use_dora):
+        what = "DoRA" if method == "lora" else f"method.kind {method}"
+        raise UserError(f"--merge-lora merges plain LoRA only, not {what}; export the adapter and merge it "
+                        "with PEFT (`merge_and_unload`)")
+    if method == "prefix_tuning" and recipe.method.virtual_tokens.projection:
+        raise UserError("export of prefix tuning with method.virtual_tokens.projection is not built yet; use "
+                        "the run's final/ adapter folder")
     return "merged" if merge_lora else "adapter"
 
 

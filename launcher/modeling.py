@@ -1,15 +1,20 @@
-"""Build the tokenizer, the model (full, LoRA or QLoRA), parameter groups,
-optimizer and learning-rate schedule from a recipe."""
+"""Build the tokenizer, the model (full, or a peft adapter: LoRA, QLoRA, IA3,
+prefix or prompt tuning), parameter groups, optimizer and learning-rate schedule
+from a recipe."""
 
 from __future__ import annotations
 
 import contextlib
+import copy
 import math
 from pathlib import Path
 
 import torch
 
-from tunefleet.launcher.recipe import TINY_PREFIX, MethodConfig, ModelConfig, TrainConfig
+from tunefleet.launcher import param_groups as _param_groups
+from tunefleet.launcher.param_groups import apply_unfreeze as apply_unfreeze  # the loop calls it
+from tunefleet.launcher.param_groups import freeze
+from tunefleet.launcher.recipe import ADAPTER_KINDS, TINY_PREFIX, MethodConfig, ModelConfig, TrainConfig
 
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -39,7 +44,11 @@ def load_model(
     *,
     init_context: contextlib.AbstractContextManager | None = None,
 ) -> torch.nn.Module:
-    """Load weights by path (inside the strategy's init context) and attach adapters."""
+    """Load weights by path (inside the strategy's init context), freeze ``method.freeze`` and attach adapters.
+
+    The names of weights the folder lacks (newly initialised, e.g. a classifier head) are kept on
+    the returned model as ``tunefleet_new_weights`` for ``train.head_lr``.
+    """
     import transformers
 
     auto = (
@@ -62,41 +71,62 @@ def load_model(
             bnb_4bit_compute_dtype=_DTYPES[cfg.dtype],
         )
     with init_context or contextlib.nullcontext():
-        model = auto.from_pretrained(path, **kwargs)
-    if method.kind in ("lora", "qlora"):
-        model = _attach_lora(model, method, cfg)
+        model, loading = auto.from_pretrained(path, output_loading_info=True, **kwargs)
+    new_weights = frozenset(loading["missing_keys"])
+    freeze(model, method.freeze)
+    if method.kind in ADAPTER_KINDS:
+        model = attach_adapter(model, method, cfg, path)
+    model.tunefleet_new_weights = new_weights
     return model
 
 
-def _attach_lora(model: torch.nn.Module, method: MethodConfig, cfg: ModelConfig) -> torch.nn.Module:
+def peft_config(method: MethodConfig, task: str, base_path: str):
+    """The peft config of ``method`` (one of ADAPTER_KINDS) for a base model at ``base_path``."""
+    import peft
+
+    common = {"task_type": "SEQ_CLS" if task == "sequence_classification" else "CAUSAL_LM",
+              "base_model_name_or_path": base_path}
+    if method.kind in ("lora", "qlora"):
+        lora = method.lora
+        return peft.LoraConfig(r=lora.r, lora_alpha=lora.alpha, lora_dropout=lora.dropout,
+                               target_modules=lora.target_modules, use_dora=lora.use_dora,
+                               use_rslora=lora.use_rslora, **common)
+    if method.kind == "ia3":
+        return peft.IA3Config(target_modules=method.ia3.target_modules,
+                              feedforward_modules=method.ia3.feedforward_modules, **common)
+    tokens = method.virtual_tokens
+    if method.kind == "prefix_tuning":
+        return peft.PrefixTuningConfig(num_virtual_tokens=tokens.num, prefix_projection=tokens.projection, **common)
+    assert method.kind == "prompt_tuning", method.kind
+    from_text = {"prompt_tuning_init": "TEXT", "prompt_tuning_init_text": tokens.init_text,
+                 "tokenizer_name_or_path": base_path} if tokens.init_text is not None else {}
+    return peft.PromptTuningConfig(num_virtual_tokens=tokens.num, **from_text, **common)
+
+
+def attach_adapter(model: torch.nn.Module, method: MethodConfig, cfg: ModelConfig, path: str) -> torch.nn.Module:
     import peft
 
     if method.kind == "qlora":
         model = peft.prepare_model_for_kbit_training(model, use_gradient_checkpointing=False)
-    lora = method.lora
-    config = peft.LoraConfig(
-        r=lora.r,
-        lora_alpha=lora.alpha,
-        lora_dropout=lora.dropout,
-        target_modules=lora.target_modules,
-        task_type="SEQ_CLS" if cfg.task == "sequence_classification" else "CAUSAL_LM",
-    )
-    return peft.get_peft_model(model, config)
+    model = peft.get_peft_model(model, peft_config(method, cfg.task, path))
+    if method.kind == "prompt_tuning" and cfg.task == "causal_lm":
+        model.register_forward_hook(_drop_virtual_positions, with_kwargs=True)
+    return model
+
+
+def _drop_virtual_positions(module, args, kwargs, output):
+    """Prompt tuning prepends its virtual tokens to the input, and peft returns their logits too; the loss
+    (``steps``, ``dpo``) lines logits up with the input's labels, so drop them."""
+    input_ids = kwargs.get("input_ids", args[0] if args else None)
+    extra = output.logits.shape[1] - input_ids.shape[1]
+    if extra > 0:
+        output.logits = output.logits[:, extra:]
+    return output
 
 
 def param_groups(model: torch.nn.Module, train: TrainConfig) -> list[dict]:
-    """AdamW groups: decay on matrices, none on biases and norms; frozen params left out."""
-    decay, no_decay = [], []
-    for name, param in model.named_parameters():
-        if not param.requires_grad:
-            continue
-        # ZeRO-3 partitions parameters at load: their real shape is in ds_shape.
-        ndim = len(getattr(param, "ds_shape", param.shape))
-        (no_decay if ndim < 2 or "norm" in name.lower() else decay).append(param)
-    groups = [{"params": decay, "weight_decay": train.weight_decay}]
-    if no_decay:
-        groups.append({"params": no_decay, "weight_decay": 0.0})
-    return [g for g in groups if g["params"]]
+    """AdamW groups with per-group rates; see ``tunefleet.launcher.param_groups``."""
+    return _param_groups.param_groups(model, train)
 
 
 def make_optimizer_factory(train: TrainConfig):
@@ -128,11 +158,41 @@ def make_scheduler_factory(train: TrainConfig):
 
 
 def save_final(model: torch.nn.Module, state_dict: dict, tokenizer, out_dir: str | Path) -> None:
-    """Rank 0: HF safetensors folder (full) or a peft adapter folder (LoRA), plus tokenizer."""
+    """Rank 0: HF safetensors folder (full) or a peft adapter folder (every other kind), plus tokenizer."""
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    model.save_pretrained(out_dir, state_dict=state_dict, safe_serialization=True)
+    if getattr(model, "prompt_encoder", None):
+        _save_prompt_adapter(model, state_dict, out_dir)
+    else:
+        model.save_pretrained(out_dir, state_dict=state_dict, safe_serialization=True)
     tokenizer.save_pretrained(out_dir)
+
+
+def _save_prompt_adapter(model: torch.nn.Module, state_dict: dict, out_dir: Path) -> None:
+    """Prefix/prompt tuning as peft saves it, computed from the gathered ``state_dict``.
+
+    peft's ``save_pretrained`` ignores a given state dict for these methods and runs the live prompt
+    encoder instead, which fails on sharded parameters (FSDP2 DTensors: "mixed torch.Tensor and
+    DTensor"), so the saved table (``prompt_embeddings``) is computed here the same way.
+    """
+    import peft
+    from safetensors.torch import save_file
+
+    config = model.peft_config["default"]
+    prefix = "prompt_encoder.default."
+    weights = {key.removeprefix(prefix): value for key, value in state_dict.items() if key.startswith(prefix)}
+    if getattr(config, "prefix_projection", False):
+        encoder = peft.tuners.prefix_tuning.PrefixEncoder(config)
+        encoder.load_state_dict(weights)
+        with torch.no_grad():
+            table = encoder(torch.arange(config.num_virtual_tokens)[None])[0]
+    else:
+        table = weights["embedding.weight"]  # the encoder's output for tokens 0..n-1 is its table
+    saved = copy.copy(config)
+    saved.inference_mode = True  # as peft saves it
+    saved.save_pretrained(out_dir)
+    save_file({"prompt_embeddings": table.detach().cpu().contiguous()}, str(out_dir / "adapter_model.safetensors"),
+              metadata={"format": "pt"})
 
 
 def check_model_path(cfg: ModelConfig) -> str | None:

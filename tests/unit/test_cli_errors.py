@@ -67,17 +67,19 @@ def test_bad_input_is_one_clear_message(tmp_path, case, command):
 
 
 def test_validate_accepts_shipped_recipes():
-    paths = sorted(str(p) for p in (REPO / "recipes").rglob("*.yaml"))
+    # The GPU recipes of the catalogue need GPUs on this machine; test_catalogue validates them as on
+    # their cluster.
+    paths = sorted(str(p) for p in (REPO / "recipes" / "tiny").rglob("*.yaml"))
     result = tunefleet("validate", *paths)
     assert result.returncode == 0, result.stderr
     assert result.stdout.count("ok ") == len(paths)
 
 
 def test_recipes_lists_every_shipped_recipe():
-    result = tunefleet("recipes")
+    result = tunefleet("recipes", env={"COLUMNS": "250"})  # wide enough that no name is cut
     assert result.returncode == 0
     for path in (REPO / "recipes").rglob("*.yaml"):
-        assert path.name in result.stdout
+        assert path.stem in result.stdout  # named as `tunefleet init --from` takes them
 
 
 def test_schema_prints_json_schema():

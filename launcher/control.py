@@ -2,13 +2,14 @@
 honours at the same step.
 
 The driver turns SIGTERM / SIGUSR1 (what Slurm and Kubernetes send before
-they kill a job) into a request on a tiny Ray actor. Rank 0 polls that actor
+they kill a job) and a user's first Ctrl-C into a request on a tiny Ray actor. Rank 0 polls that actor
 without blocking, and all ranks agree through one all-reduce per step, so
 they checkpoint the same step and stop together.
 """
 
 from __future__ import annotations
 
+import os
 import signal
 
 import ray
@@ -16,6 +17,7 @@ import torch
 import torch.distributed as dist
 
 EXIT_PREEMPTED = 75  # EX_TEMPFAIL: "try again later"; the next launch resumes
+EXIT_INTERRUPTED = 130  # a second Ctrl-C: 128 + SIGINT, as shells report it
 
 
 @ray.remote(num_cpus=0)
@@ -59,12 +61,18 @@ class StopPoller:
 
 
 def forward_signals_to(control, on_signal=None) -> None:
-    """Driver: SIGTERM and SIGUSR1 request a checkpoint-and-stop instead of dying."""
+    """Driver: SIGTERM, SIGUSR1 and a first Ctrl-C (SIGINT) request a checkpoint-and-stop instead of
+    dying; a second Ctrl-C leaves at once (exit 130), the latest complete checkpoint still resumable."""
+    interrupted = []
 
     def handler(signum, _frame):
+        if signum == signal.SIGINT:
+            if interrupted:
+                os._exit(EXIT_INTERRUPTED)
+            interrupted.append(signum)
         control.request_stop.remote(signal.Signals(signum).name)
         if on_signal is not None:
             on_signal(signum)
 
-    for signum in (signal.SIGTERM, signal.SIGUSR1):
+    for signum in (signal.SIGTERM, signal.SIGUSR1, signal.SIGINT):
         signal.signal(signum, handler)

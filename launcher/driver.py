@@ -211,7 +211,7 @@ def _exit_after_grace(recipe: Recipe, console: LaunchConsole) -> None:
         )
         os._exit(EXIT_PREEMPTED)
 
-    console.console.print("stop requested: checkpointing, then exiting")
+    console.console.print("stop requested: checkpointing, then exiting (Ctrl-C again to exit now)")
     timer = threading.Timer(recipe.fault_tolerance.preemption_grace_s, expire)
     timer.daemon = True
     timer.start()

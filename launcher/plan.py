@@ -68,6 +68,9 @@ def make_plan(recipe: Recipe, source: str = "recipe", *, on_this_machine: bool =
         mixed_precision=par.mixed_precision, unfreeze_schedule=bool(recipe.train.unfreeze_schedule),
     ):
         problems.append(Problem("parallelism.strategy" if "strategy" in message else "method.kind", message))
+    if recipe.checkpoint.async_save and name.startswith("deepspeed"):
+        problems.append(Problem("checkpoint.async", f"{name} writes DeepSpeed's own checkpoints, which have no "
+                                "background mode; set checkpoint.async: false, or use strategy ddp or fsdp"))
     if recipe.method.objective == "dpo" and recipe.method.kind == "full" and name == "deepspeed_zero3":
         # Full-fine-tuning DPO keeps a frozen reference copy outside the engine; while ZeRO-3's config is
         # alive, transformers builds every model partitioned, which a module outside the engine cannot run.

@@ -132,11 +132,32 @@ class Strategy(ABC):
 
 
 class AsyncSave:
-    """Mixin: the strategy can write a checkpoint in the background."""
+    """Mixin for strategies whose state DCP writes (ddp, fsdp): checkpoints in the background.
+
+    ``save_async`` returns once the save has started; see ``checkpointing.BackgroundSaver``.
+    A strategy using it calls ``wait_staged()`` first thing in ``optimizer_step``.
+    """
+
+    _saver = None
 
     def save_async(self, path: str, group):
-        """Collective on ``group``: stage state and return a future that completes when written."""
-        raise NotImplementedError
+        """Collective on ``group``: start copying and writing the state; a future of the write."""
+        from tunefleet.strategies.checkpointing import BackgroundSaver
+
+        if self._saver is None:
+            self._saver = BackgroundSaver()
+        return self._saver.save(path, self.model, self.optimizer, self.scheduler, group)
+
+    def wait_staged(self) -> None:
+        """Block until the last background save has copied the state (a no-op without one)."""
+        if self._saver is not None:
+            self._saver.wait_staged()
+
+    def teardown(self) -> None:
+        if self._saver is not None:
+            self._saver.close()
+            self._saver = None
+        super().teardown()
 
 
 _REGISTRY: dict[str, type[Strategy]] = {}

@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+from concurrent.futures import Future
+
 import torch
 import torch.distributed.checkpoint as dcp
+from torch.distributed.checkpoint.staging import DefaultStager, StagingOptions
 from torch.distributed.checkpoint.state_dict import (
     StateDictOptions,
     get_state_dict,
@@ -34,11 +37,45 @@ def save_dcp(path: str, model, optimizer, scheduler) -> None:
     dcp.save(_app_state(model, optimizer, scheduler), checkpoint_id=path)
 
 
-def save_dcp_async(path: str, model, optimizer, scheduler, group):
-    """Start a background save on ``group`` (its own gloo group: sharing the training
-    group makes gloo mismatch collectives). Returns a future; training may continue
-    once this returns, because DCP has staged a copy of the state."""
-    return dcp.async_save(_app_state(model, optimizer, scheduler), checkpoint_id=path, process_group=group)
+class BackgroundSaver:
+    """DCP saves off the training thread, for one strategy.
+
+    Both the copy of the state (staging, by one reused ``DefaultStager``) and
+    the write run in the background, so the loop stalls only to start them.
+    Until the copy is done the parameters and optimizer state must not change:
+    ``wait_staged`` blocks until then, and strategies call it at the top of
+    ``optimizer_step`` (forward and backward overlap with the copy).
+    """
+
+    def __init__(self):
+        self._stager: DefaultStager | None = None
+        self._staging: Future | None = None
+
+    def save(self, path: str, model, optimizer, scheduler, group) -> Future:
+        """Start a save on ``group`` (its own gloo group: sharing the training group makes gloo
+        mismatch collectives); returns the future of the write."""
+        self.wait_staged()
+        if self._stager is None:
+            on_gpu = torch.cuda.is_available()
+            self._stager = DefaultStager(StagingOptions(
+                use_pinned_memory=on_gpu, use_shared_memory=False, use_async_staging=True,
+                use_non_blocking_copy=on_gpu,
+            ))
+        response = dcp.async_save(_app_state(model, optimizer, scheduler), checkpoint_id=path,
+                                  process_group=group, async_stager=self._stager)
+        self._staging = response.staging_completion
+        return response.upload_completion
+
+    def wait_staged(self) -> None:
+        if self._staging is not None:
+            self._staging.result()
+            self._staging = None
+
+    def close(self) -> None:
+        self.wait_staged()
+        if self._stager is not None:
+            self._stager.close()
+            self._stager = None
 
 
 def load_dcp(path: str, model, optimizer, scheduler) -> None:

@@ -57,6 +57,7 @@ class DDPStrategy(AsyncSave, Strategy):
             yield
 
     def optimizer_step(self) -> float | None:
+        self.wait_staged()  # a background checkpoint must have copied the state first
         params = [p for p in self.model.parameters() if p.requires_grad]
         norm = None
         if self.plan.max_grad_norm is not None:
@@ -68,9 +69,6 @@ class DDPStrategy(AsyncSave, Strategy):
 
     def save(self, path: str) -> None:
         checkpointing.save_dcp(path, self.model, self.optimizer, self.scheduler)
-
-    def save_async(self, path: str, group):
-        return checkpointing.save_dcp_async(path, self.model, self.optimizer, self.scheduler, group)
 
     def load(self, path: str) -> None:
         checkpointing.load_dcp(path, self.model, self.optimizer, self.scheduler)

@@ -22,6 +22,7 @@ from torch.distributed.tensor import DTensor
 
 from tunefleet.strategies import checkpointing
 from tunefleet.strategies.base import (
+    AsyncSave,
     OptimizerFactory,
     SchedulerFactory,
     Strategy,
@@ -91,7 +92,7 @@ def _remap_groups(param_groups: list[dict], names: dict[int, str], module: torch
 
 
 @register
-class FSDPStrategy(Strategy):
+class FSDPStrategy(AsyncSave, Strategy):
     name = "fsdp"
     shards_parameters = True
 
@@ -125,6 +126,7 @@ class FSDPStrategy(Strategy):
             self.model.set_requires_gradient_sync(True)
 
     def optimizer_step(self) -> float | None:
+        self.wait_staged()  # a background checkpoint must have copied the state first
         params = [p for p in self.model.parameters() if p.requires_grad and p.grad is not None]
         norm = torch.nn.utils.get_total_norm([p.grad for p in params], foreach=True)
         if isinstance(norm, DTensor):

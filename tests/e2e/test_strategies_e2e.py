@@ -12,16 +12,19 @@ pytestmark = [pytest.mark.e2e, pytest.mark.timeout(1200)]  # two launches per te
 
 SHORT = ["--set=train.max_steps=12", "--set=checkpoint.every_steps=4", "--set=train.eval_every_steps=null",
          "--set=fault_tolerance.max_restarts=2"]
-CASES = [("ddp", LORA), ("fsdp", FULL), ("fsdp", LORA), ("deepspeed_zero3", FULL), ("deepspeed_zero3", LORA),
-         ("deepspeed_zero2", FULL)]
+ASYNC = ("--set=checkpoint.async=true",)
+CASES = [("ddp", LORA, ()), ("fsdp", FULL, ()), ("fsdp", LORA, ()), ("fsdp", FULL, ASYNC),
+         ("deepspeed_zero3", FULL, ()), ("deepspeed_zero3", LORA, ()), ("deepspeed_zero2", FULL, ())]
+IDS = [f"{s}-{'lora' if r == LORA else 'full'}{'-async' if extra else ''}" for s, r, extra in CASES]
 
 
-@pytest.mark.parametrize("strategy,recipe", CASES, ids=[f"{s}-{'lora' if r == LORA else 'full'}" for s, r in CASES])
-def test_sigkill_resume_is_bitwise(ray_cluster, tmp_path, strategy, recipe):
+@pytest.mark.parametrize("strategy,recipe,extra", CASES, ids=IDS)
+def test_sigkill_resume_is_bitwise(ray_cluster, tmp_path, strategy, recipe, extra):
     choose = f"--set=parallelism.strategy={strategy}"
+    args = [choose, *SHORT, *extra]
     clean, faulty = tmp_path / "clean", tmp_path / "faulty"
-    launch(recipe, clean, choose, *SHORT, address=ray_cluster.address)
-    result = launch(recipe, faulty, choose, *SHORT, address=ray_cluster.address,
+    launch(recipe, clean, *args, address=ray_cluster.address)
+    result = launch(recipe, faulty, *args, address=ray_cluster.address,
                     env={"TUNEFLEET_FAULT": "rank=1,step=6,kind=sigkill"})
     assert (faulty / ".fault-rank1-step6-step").exists() and "step_4" in result.stdout
     assert f"strategy {strategy}" in result.stdout

@@ -40,6 +40,9 @@ def broken(raw: dict, case: str) -> dict | str:
         raw["data"]["eval"]["path"] = str(REPO / "recipes/tiny/data/preference/eval.jsonl")
         raw["method"]["objective"] = "dpo"
         raw["parallelism"]["strategy"] = "deepspeed_zero3"
+    elif case == "async_deepspeed":
+        raw["checkpoint"]["async"] = True
+        raw["parallelism"]["strategy"] = "deepspeed_zero2"
     return raw
 
 
@@ -47,6 +50,7 @@ EXPECTED = {
     "malformed": "malformed YAML", "unknown_key": "train.learning_rate", "mistyped": "train.micro_batch_size",
     "missing_data": "data.sources.0.path", "missing_model": "model.path", "layout": "parallelism.use_gpu",
     "dpo_zero3": "parallelism.strategy: method.objective dpo with method.kind full",
+    "async_deepspeed": "checkpoint.async: deepspeed_zero2 writes DeepSpeed's own checkpoints",
 }
 
 

@@ -261,8 +261,8 @@ def image_paths(recipe: Any) -> list[str]:
     """Input files the pods read from the image (or a volume): submitting does not ship them."""
     paths = [recipe.model.path] if recipe.model.path.startswith("/") else []
     paths += [source.path for source in recipe.data.sources if source.path]
-    if recipe.data.eval and recipe.data.eval.path:
-        paths.append(recipe.data.eval.path)
+    if recipe.data.eval:
+        paths += [path for path in (recipe.data.eval.path, recipe.data.eval.reference_data) if path]
     return paths
 
 

@@ -13,7 +13,8 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from rich.table import Table
 
 # Evaluation figures beyond the loss that the summary shows before and after training.
-TASK_METRICS = ("eval_accuracy", "eval_f1", "eval_reward_accuracy")
+TASK_METRICS = ("eval_accuracy", "eval_f1", "eval_reward_accuracy", "eval_exact_match", "eval_contains_match",
+                "reference_perplexity")
 
 
 class LaunchConsole:
@@ -93,6 +94,8 @@ class LaunchConsole:
             "eval_loss_after": evals[-1]["eval_loss"] if evals else None,
             **{f"{key}_{when}": row[key] for key in TASK_METRICS for when, row in
                (("before", evals[0] if evals else {}), ("after", evals[-1] if evals else {})) if key in row},
+            **({"reference_perplexity_change": evals[-1]["reference_perplexity_change"]}
+               if evals and "reference_perplexity_change" in evals[-1] else {}),
             "packing_efficiency": (statistics.fmean(fills) if (fills := [r["packing_efficiency"] for r in rows
                                                                           if "packing_efficiency" in r]) else None),
             "wall_time_s": round(wall_time_s, 1),

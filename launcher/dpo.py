@@ -10,39 +10,22 @@ The reference is frozen: for LoRA and QLoRA it is the policy itself with its
 adapters disabled (no second copy); for full fine-tuning a second, frozen copy
 of the starting weights on every rank.
 
-Normalization mirrors ``steps.train_step`` with pairs in place of tokens: the
-step's loss is the mean over every pair of the global batch (all ranks, all
-micro-batches), so each micro-batch contributes its pair-loss sum scaled by
-``world_size / global_pairs`` and the strategy's gradient averaging over ranks
-gives exactly the gradient of the global mean.
+The pairwise loss, its statistics and its normalization over the global batch
+(pairs in place of tokens, as in ``steps.train_step``) are shared with reward
+modelling, in ``reward.py``.
 """
 
 from __future__ import annotations
-
-from dataclasses import dataclass
 
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 
+from tunefleet.launcher import reward
 from tunefleet.launcher.data import IGNORE_INDEX, model_inputs
 from tunefleet.launcher.recipe import Recipe
-from tunefleet.launcher.steps import StepResult
+from tunefleet.launcher.reward import PairStepResult
 from tunefleet.strategies.base import Strategy
-
-
-@dataclass(frozen=True)
-class DPOStepResult(StepResult):
-    num_pairs: int  # pairs in the global batch
-    reward_accuracy: float  # share of pairs whose chosen reward beats the rejected one
-    reward_margin: float  # mean of r_chosen - r_rejected
-    reward_chosen: float
-    reward_rejected: float
-
-    def metrics(self) -> dict[str, float]:
-        """The DPO-only metrics, keyed as they appear in ``metrics.jsonl``."""
-        return {"reward_accuracy": self.reward_accuracy, "reward_margin": self.reward_margin,
-                "reward_chosen": self.reward_chosen, "reward_rejected": self.reward_rejected}
 
 
 def load_reference(recipe: Recipe, model_path: str, device: torch.device) -> torch.nn.Module | None:
@@ -79,37 +62,13 @@ def reference_logps(strategy: Strategy, reference: torch.nn.Module | None,
 def pair_statistics(policy: torch.Tensor, reference: torch.Tensor, batch: dict[str, torch.Tensor],
                     beta: float) -> tuple[torch.Tensor, torch.Tensor]:
     """(loss sum over real pairs, float64 sums of [pairs, correct, margin, r_chosen, r_rejected])."""
-    num = policy.shape[0] // 2
-    rewards = beta * (policy - reference)
-    chosen, rejected = rewards[:num], rewards[num:]
-    has_targets = (batch["labels"][:, 1:] != IGNORE_INDEX).any(-1)
-    real = (has_targets[:num] & has_targets[num:]).to(policy.dtype)  # padding pairs of eval batches are not
-    losses = -F.logsigmoid(chosen - rejected) * real
-    margin = (chosen - rejected).detach()
-    stats = torch.stack([real.sum(), ((margin > 0).to(real.dtype) * real).sum(), (margin * real).sum(),
-                         (chosen.detach() * real).sum(), (rejected.detach() * real).sum()])
-    return losses.sum(), stats.double()
-
-
-def _all_reduce_sum(values: torch.Tensor) -> torch.Tensor:
-    if dist.is_initialized():
-        dist.all_reduce(values)
-    return values
-
-
-def _count(micro_batches: list[dict[str, torch.Tensor]], device: torch.device) -> tuple[int, int, int]:
-    """Global (pairs, target tokens, non-pad input tokens) of this step's batches."""
-    local = torch.tensor([[
-        mb["input_ids"].shape[0] // 2, int((mb["labels"][:, 1:] != IGNORE_INDEX).sum()), int(mb["attention_mask"].sum())
-    ] for mb in micro_batches], dtype=torch.float64, device=device).sum(0)
-    pairs, targets, inputs = _all_reduce_sum(local).tolist()
-    return int(pairs), int(targets), int(inputs)
+    return reward.pair_statistics(beta * (policy - reference), batch)
 
 
 def dpo_step(strategy: Strategy, reference: torch.nn.Module | None, micro_batches: list[dict[str, torch.Tensor]],
-             device: torch.device, *, beta: float) -> DPOStepResult:
+             device: torch.device, *, beta: float) -> PairStepResult:
     """Forward/backward every micro-batch of pairs on this rank, then one optimizer step."""
-    global_pairs, global_targets, global_inputs = _count(micro_batches, device)
+    global_pairs, global_targets, global_inputs = reward.count_pairs(micro_batches, device)
     world_size = dist.get_world_size() if dist.is_initialized() else 1
     scale = world_size / max(global_pairs, 1)
     loss_sum = torch.zeros((), dtype=torch.float64, device=device)
@@ -125,18 +84,8 @@ def dpo_step(strategy: Strategy, reference: torch.nn.Module | None, micro_batche
         loss_sum += micro_loss.detach().double()
         stats += micro_stats
     grad_norm = strategy.optimizer_step()
-    totals = _all_reduce_sum(torch.cat([loss_sum.view(1), stats])).tolist()
-    return _result(totals, global_targets, global_inputs, grad_norm)
-
-
-def _result(totals: list[float], num_tokens: int, num_input_tokens: int, grad_norm: float | None) -> DPOStepResult:
-    loss_sum, pairs, correct, margin, chosen, rejected = totals
-    per_pair = max(pairs, 1.0)
-    return DPOStepResult(
-        loss=loss_sum / per_pair, num_tokens=num_tokens, num_input_tokens=num_input_tokens, grad_norm=grad_norm,
-        num_pairs=int(pairs), reward_accuracy=correct / per_pair, reward_margin=margin / per_pair,
-        reward_chosen=chosen / per_pair, reward_rejected=rejected / per_pair,
-    )
+    totals = reward.all_reduce_sum(torch.cat([loss_sum.view(1), stats])).tolist()
+    return reward.pair_result(totals, global_targets, global_inputs, grad_norm)
 
 
 @torch.no_grad()
@@ -150,6 +99,4 @@ def dpo_evaluate(strategy: Strategy, reference: torch.nn.Module | None, batches:
         policy_side, reference_side = sequence_logps(strategy.model, batch), reference_logps(strategy, reference, batch)
         loss, stats = pair_statistics(policy_side, reference_side, batch, beta)
         totals += torch.cat([loss.double().view(1), stats])
-    result = _result(_all_reduce_sum(totals).tolist(), 0, 0, None)
-    return {"eval_loss": result.loss, "eval_reward_accuracy": result.reward_accuracy,
-            "eval_reward_margin": result.reward_margin}
+    return reward.pair_metrics(reward.pair_result(reward.all_reduce_sum(totals).tolist(), 0, 0, None))

@@ -183,8 +183,8 @@ def _mix(split: TokenizedSplit, weight: float, seed: list[int]) -> TokenizedSpli
     return split.take(np.concatenate([np.tile(np.arange(num), copies), subset]))
 
 
-def build_splits(cfg: DataConfig, tokenizer, seed: int) -> tuple[TokenizedSplit, TokenizedSplit | None, dict]:
-    """(train, eval or None, meta): everything ``prepare`` writes."""
+def build_splits(cfg: DataConfig, tokenizer, seed: int) -> tuple[dict[str, TokenizedSplit], dict]:
+    """({train, eval, reference} splits, those present; meta): everything ``prepare`` writes."""
     encoded = [encode_source(source, cfg, tokenizer) for source in cfg.sources]
     parts, evaluation, eval_counts = [split for split, _ in encoded], None, None
     if cfg.eval and cfg.eval.path:
@@ -204,7 +204,26 @@ def build_splits(cfg: DataConfig, tokenizer, seed: int) -> tuple[TokenizedSplit,
                for s, (_, c), m in zip(cfg.sources, encoded, mixed, strict=True)]
     if eval_counts is not None:
         sources.append({"source": f"{cfg.eval.path} (eval)", **asdict(eval_counts), "epoch_rows": 0})
-    return train, evaluation, _meta(cfg, train, evaluation, sources, sum(m.num_examples for m in mixed))
+    splits = {"train": train, "eval": evaluation}
+    if cfg.eval and cfg.eval.reference_data:
+        splits["reference"], reference_counts = encode_reference(cfg, tokenizer)
+        sources.append({"source": f"{cfg.eval.reference_data} (reference)", **asdict(reference_counts),
+                        "epoch_rows": 0})
+    meta = _meta(cfg, train, evaluation, sources, sum(m.num_examples for m in mixed))
+    if "reference" in splits:
+        meta.update(reference_rows=splits["reference"].num_examples, reference_tokens=splits["reference"].num_tokens)
+    return {name: split for name, split in splits.items() if split is not None}, meta
+
+
+def encode_reference(cfg: DataConfig, tokenizer) -> tuple[TokenizedSplit, Counts]:
+    """``data.eval.reference_data`` as unpacked `text` rows, every token a target (for its perplexity)."""
+    source = DataSource(path=cfg.eval.reference_data, format="text")
+    reference, counts = encode_source(source, cfg.model_copy(update={"sources": [source], "train_on_prompt": False}),
+                                      tokenizer)
+    if reference.num_examples == 0:
+        raise DataError(f"data.eval.reference_data: no rows left in {cfg.eval.reference_data}; "
+                        "point it at a non-empty text file")
+    return reference, counts
 
 
 def _check_not_empty(cfg: DataConfig, train: TokenizedSplit, evaluation, encoded) -> None:
@@ -236,12 +255,15 @@ def _meta(cfg: DataConfig, train: TokenizedSplit, evaluation: TokenizedSplit | N
 # --------------------------------------------------------------------------- cache
 def cache_key(cfg: DataConfig, tokenizer_dir: str, seed: int) -> str:
     digest = hashlib.sha256(CACHE_VERSION.encode())
-    spec = cfg.model_dump(mode="json", exclude={"cache_dir": True, "num_proc": True, "eval": {"max_rows"}})
+    spec = cfg.model_dump(mode="json", exclude={"cache_dir": True, "num_proc": True,
+                                                "eval": {"max_rows", "generate", "reference_data"}})
     seeded = (cfg.eval and cfg.eval.fraction) or any(s.weight != 1.0 for s in cfg.sources)
     digest.update(json.dumps({"data": spec, "seed": seed if seeded else None}, sort_keys=True).encode())
     eval_sources = [DataSource(path=cfg.eval.path)] if cfg.eval and cfg.eval.path else []
     for source in cfg.sources + eval_sources:
         digest.update(source_digest(source).encode())
+    if cfg.eval and cfg.eval.reference_data:
+        digest.update(b"reference" + source_digest(DataSource(path=cfg.eval.reference_data)).encode())
     for name in sorted(os.listdir(tokenizer_dir)):
         if "token" in name or name in ("special_tokens_map.json", "chat_template.jinja"):
             digest.update(name.encode() + file_digest(os.path.join(tokenizer_dir, name)).encode())
@@ -254,13 +276,12 @@ def cache_folder(cfg: DataConfig, tokenizer_dir: str, seed: int) -> Path:
     return base / cache_key(cfg, tokenizer_dir, seed)
 
 
-def _write(target: Path, train: TokenizedSplit, evaluation: TokenizedSplit | None, meta: dict) -> None:
+def _write(target: Path, splits: dict[str, TokenizedSplit], meta: dict) -> None:
     """Write into a temporary sibling and rename; meta.json last marks the folder complete."""
     target.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=".tmp-", dir=target.parent))
-    train.save(staging / "train")
-    if evaluation is not None:
-        evaluation.save(staging / "eval")
+    for name, split in splits.items():
+        split.save(staging / name)
     (staging / "meta.json").write_text(json.dumps(meta, indent=1))
     try:
         staging.rename(target)
@@ -269,7 +290,7 @@ def _write(target: Path, train: TokenizedSplit, evaluation: TokenizedSplit | Non
 
 
 def prepare(cfg: DataConfig, tokenizer, tokenizer_dir: str, seed: int) -> Path:
-    """Tokenize train (and eval) into the cache in this process, unless already there; the folder."""
+    """Tokenize train (eval, reference) into the cache in this process, unless already there; the folder."""
     target = cache_folder(cfg, tokenizer_dir, seed)
     if not (target / "meta.json").is_file():
         _write(target, *build_splits(cfg, tokenizer, seed))

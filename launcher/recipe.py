@@ -13,6 +13,7 @@ import hashlib
 import importlib.util
 import os
 import re
+import typing
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
@@ -66,7 +67,8 @@ class ModelConfig(Section):
         "causal_lm", description="What head to train: next-token prediction or a classifier."
     )
     num_labels: int | None = Field(
-        None, ge=2, description="Number of classes for `task: sequence_classification`."
+        None, ge=1, description="Number of classes for `task: sequence_classification`; 1 for a reward model "
+        "(`method.objective: reward`), whose head gives one score per sequence."
     )
     dtype: Literal["float32", "bfloat16", "float16"] = Field(
         "float32", description="Dtype the weights are loaded in (master weights for full fine-tuning)."
@@ -176,10 +178,12 @@ class MethodConfig(Section):
         default_factory=list, description="kind full: module or parameter name patterns (fnmatch, e.g. "
         "`model.embed_tokens` or `model.layers.[0-3].*`) kept frozen; each must match a parameter."
     )
-    objective: Literal["sft", "dpo"] = Field(
+    objective: Literal["sft", "dpo", "reward"] = Field(
         "sft", description="`sft`: next-token loss on target tokens (or the classifier loss); "
         "`dpo`: Direct Preference Optimization on `preference` data against a frozen reference "
-        "(LoRA: the base with adapters disabled; full: a frozen copy of the starting weights)."
+        "(LoRA: the base with adapters disabled; full: a frozen copy of the starting weights); "
+        "`reward`: a reward model on `preference` data, a one-score head (model.task sequence_classification, "
+        "model.num_labels 1) trained with the pairwise loss -log sigmoid(r_chosen - r_rejected)."
     )
     beta: float = Field(0.1, gt=0, description="DPO temperature: how far the policy may move from the reference.")
 
@@ -267,6 +271,16 @@ class DataSource(Section):
         return self.path or f"{self.dataset}[{self.split}]"
 
 
+class GenerateEval(Section):
+    """Generation-based evaluation: a held-out alpaca/completion/chat row's prompt is everything before its
+    (last) response, the reference is that response; matching strips and case-folds both texts."""
+
+    max_prompts: int = Field(
+        64, ge=1, description="Decode from at most this many eval prompts (the first ones of the eval split)."
+    )
+    max_new_tokens: int = Field(32, ge=1, description="Tokens decoded per prompt (fewer when every row ended).")
+
+
 class EvalSplit(Section):
     path: LocalPath | None = Field(
         None, description="A held-out file or folder, read like the first source (format, fields, roles)."
@@ -277,11 +291,25 @@ class EvalSplit(Section):
     max_rows: int | None = Field(
         None, ge=1, description="Evaluate on at most this many rows (pairs for DPO, packed rows with packing)."
     )
+    generate: GenerateEval | None = Field(
+        None, description="Also decode greedily from held-out prompts and compare with their references "
+        "(eval_exact_match, eval_contains_match) at every evaluation; none skips generation."
+    )
+    reference_data: LocalPath | None = Field(
+        None, description="Forgetting watch: a general-domain `text` file (or folder) whose perplexity is "
+        "measured before training and at every evaluation (reference_perplexity, and "
+        "reference_perplexity_change: minus the value before training, so rising means forgetting)."
+    )
 
     @model_validator(mode="after")
     def _one_of(self) -> EvalSplit:
         if self.path is not None and self.fraction is not None:
             raise ValueError("set only one of data.eval.path and data.eval.fraction")
+        if self.path is None and self.fraction is None:
+            used = [key for key in ("generate", "reference_data") if getattr(self, key) is not None]
+            if used:
+                raise ValueError(f"data.eval.{used[0]}: runs with the evaluation, which needs held-out rows; "
+                                 "set data.eval.path or data.eval.fraction")
         return self
 
 
@@ -336,14 +364,43 @@ class DataConfig(Section):
         """Disagreements with `model.task` / `method.objective`, each starting with the key to change."""
         if task == "sequence_classification" and objective == "dpo":
             return ["method.objective: dpo trains causal language models; use sft"]
-        needed = ("classification" if task == "sequence_classification"
-                  else "preference" if objective == "dpo" else "sft")
+        if objective == "reward" and task != "sequence_classification":
+            return ["model.task: method.objective reward trains a one-score head; set model.task: "
+                    "sequence_classification and model.num_labels: 1"]
+        if objective == "reward" and num_labels != 1:
+            return [f"model.num_labels: a reward model gives one score per sequence, not {num_labels}; set it to 1"]
+        if task == "sequence_classification" and num_labels == 1 and objective != "reward":
+            return ["model.num_labels: 1 is a reward model's single score; set method.objective: reward, "
+                    "or 2 or more classes"]
+        needed = ("preference" if objective in ("dpo", "reward")
+                  else "classification" if task == "sequence_classification" else "sft")
         problems = []
         if self.kind != needed:
             problems.append(f"data.sources: model.task {task} with method.objective {objective} needs "
                             f"{_KIND_FORMATS[needed]} rows, these are {_KIND_FORMATS[self.kind]}")
         if self.labels is not None and num_labels is not None and len(self.labels) != num_labels:
             problems.append(f"data.labels: {len(self.labels)} names but model.num_labels is {num_labels}")
+        return problems + self._eval_problems(task)
+
+    def _eval_problems(self, task: str) -> list[str]:
+        """Generation needs prompts with marked responses; perplexity needs a language model."""
+        problems = []
+        generate, reference = (self.eval.generate, self.eval.reference_data) if self.eval else (None, None)
+        if generate is not None:
+            formats = sorted({s.format for s in self.sources} - {"alpaca", "chat", "completion"})
+            if task != "causal_lm" or formats:
+                problems.append("data.eval.generate: needs a causal language model on alpaca/chat/completion "
+                                f"rows (prompts with references), not {task} on {', '.join(formats) or 'these'} "
+                                "rows; remove it")
+            elif self.train_on_prompt:
+                problems.append("data.eval.generate: with data.train_on_prompt the eval rows do not mark where "
+                                "the response starts; set data.train_on_prompt: false or remove it")
+            elif self.packing:
+                problems.append("data.eval.generate: packed eval rows hold several prompts each; set "
+                                "data.packing: false or remove it")
+        if reference is not None and task != "causal_lm":
+            problems.append(f"data.eval.reference_data: perplexity needs a causal language model, not {task}; "
+                            "remove it")
         return problems
 
 
@@ -727,8 +784,9 @@ def _field_is_path(keys: list[str]) -> bool:
         if model is None or key not in model.model_fields:
             return False
         annotation = model.model_fields[key].annotation
-        model = annotation if isinstance(annotation, type) and issubclass(annotation, BaseModel) else None
-    return keys[-1] in ("output_dir", "path", "dir", "cache_dir")
+        options = typing.get_args(annotation) or (annotation,)  # an optional section: `EvalSplit | None`
+        model = next((t for t in options if isinstance(t, type) and issubclass(t, BaseModel)), None)
+    return keys[-1] in ("output_dir", "path", "dir", "cache_dir", "reference_data")
 
 
 def apply_overrides(raw: dict, overrides: list[str]) -> dict:

@@ -48,7 +48,9 @@ def source_files(path: str) -> list[Path]:
 def path_problems(cfg: DataConfig) -> list[Problem]:
     """Local sources and eval files that cannot be read, keyed by recipe key (datasets are checked on load)."""
     paths = [(f"data.sources.{i}.path", s.path) for i, s in enumerate(cfg.sources) if s.path is not None]
-    paths += [("data.eval.path", cfg.eval.path)] if cfg.eval and cfg.eval.path else []
+    if cfg.eval:
+        paths += [(f"data.eval.{key}", path) for key in ("path", "reference_data")
+                  if (path := getattr(cfg.eval, key)) is not None]
     problems = []
     for key, path in paths:
         try:

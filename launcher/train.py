@@ -3,6 +3,7 @@ process group already up; reads top to bottom, like a single-file recipe."""
 
 from __future__ import annotations
 
+import math
 import random
 import time
 from dataclasses import dataclass, field
@@ -12,7 +13,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-from tunefleet.launcher import data, dpo, modeling, throughput
+from tunefleet.launcher import data, dpo, generation, modeling, reward, throughput
 from tunefleet.launcher.checkpoint import CheckpointManager, latest, read_meta
 from tunefleet.launcher.control import StopPoller
 from tunefleet.launcher.metrics import Reporter
@@ -90,6 +91,17 @@ def run(job: Job, reporter: Reporter, control=None, node: str | None = None) -> 
     )
 
     step_fn, evaluate_fn = objective(recipe, job.model_path, device)
+    # Beyond the objective's figures: greedy generations matched with references, and the forgetting watch.
+    generate = recipe.data.eval.generate if eval_set is not None else None
+    prompts = (generation.rank_prompts(eval_split, tokenizer, max_prompts=generate.max_prompts, rank=rank,
+                                       world_size=world_size) if generate is not None else None)
+    reference_split = data.open_split(Path(job.data_dir), "reference")
+    reference_set = (
+        data.eval_batches(reference_split, rank=rank, world_size=world_size, batch_size=plan.micro_batch_size,
+                          max_rows=None, pad_id=pad_id)
+        if reference_split is not None else None
+    )
+    reference_start = None  # reference perplexity before training; a resume reads it from the checkpoint
 
     # Resume from the newest complete checkpoint, if any.
     checkpoints = CheckpointManager(
@@ -102,6 +114,7 @@ def run(job: Job, reporter: Reporter, control=None, node: str | None = None) -> 
         meta = checkpoints.load(resume_from, strategy)
         start_step, tokens_seen = meta["step"], meta["tokens_seen"]
         wandb_run_id = meta.get("wandb_run_id", wandb_run_id)
+        reference_start = meta.get("reference_perplexity_start")
     restarts = count_attempt(recipe.output_dir, job.launch_id, rank) - 1
     reporter.start(start_step=start_step, resumed_from=resume_from,
                    attachments={"preflight": preflight, "plan": plan.model_dump(mode="json"), **job.attachments})
@@ -111,12 +124,24 @@ def run(job: Job, reporter: Reporter, control=None, node: str | None = None) -> 
         checkpoints.save(step, strategy, {
             "tokens_seen": tokens_seen, "world_size": world_size, "wandb_run_id": wandb_run_id,
             "recipe_fingerprint": recipe.fingerprint(), "strategy": plan.name,
-            "global_batch_rows": plan.global_batch_rows,
+            "global_batch_rows": plan.global_batch_rows, "reference_perplexity_start": reference_start,
         }, before_commit=lambda: inject_fault(job, rank, step, "checkpoint"))
         reporter.log({"step": step, "checkpoint_stall_s": time.perf_counter() - started})
 
+    def run_evaluation(step: int) -> None:
+        nonlocal reference_start
+        row = {"step": step, **evaluate_fn(strategy, eval_set, device)}
+        if prompts is not None:
+            row |= generation.evaluate_generation(strategy, prompts, tokenizer, batch_size=plan.micro_batch_size,
+                                                  max_new_tokens=generate.max_new_tokens, device=device)
+        if reference_set is not None:
+            perplexity = math.exp(evaluate(strategy, reference_set, device))
+            reference_start = perplexity if reference_start is None else reference_start
+            row |= {"reference_perplexity": perplexity, "reference_perplexity_change": perplexity - reference_start}
+        reporter.log(row)
+
     if eval_set is not None and start_step == 0:
-        reporter.log({"step": 0, **evaluate_fn(strategy, eval_set, device)})
+        run_evaluation(0)
 
     # The loop.
     every_eval, every_ckpt = recipe.train.eval_every_steps, recipe.checkpoint.every_steps
@@ -149,7 +174,7 @@ def run(job: Job, reporter: Reporter, control=None, node: str | None = None) -> 
                 **result.metrics(), **memory_per_rank(strategy, device),
             })
         if eval_set is not None and every_eval and done % every_eval == 0 and done != recipe.train.max_steps:
-            reporter.log({"step": done, **evaluate_fn(strategy, eval_set, device)})
+            run_evaluation(done)
         saved = every_ckpt and done % every_ckpt == 0 and done != recipe.train.max_steps
         if saved:
             save_checkpoint(done)
@@ -163,7 +188,7 @@ def run(job: Job, reporter: Reporter, control=None, node: str | None = None) -> 
     # The end: final eval, a last checkpoint, and the exported model.
     final_step = recipe.train.max_steps
     if eval_set is not None and start_step < final_step:
-        reporter.log({"step": final_step, **evaluate_fn(strategy, eval_set, device)})
+        run_evaluation(final_step)
     if every_ckpt and start_step < final_step:
         save_checkpoint(final_step)
     checkpoints.wait()
@@ -179,8 +204,10 @@ def run(job: Job, reporter: Reporter, control=None, node: str | None = None) -> 
 
 def objective(recipe: Recipe, model_path: str, device: torch.device):
     """(step, evaluation) for the recipe: the token loss; the classifier loss with accuracy and macro F1;
-    or DPO against a frozen reference (LoRA: the policy with adapters disabled; full: a copy of the
-    starting weights)."""
+    a reward model's pairwise loss with reward accuracy; or DPO against a frozen reference (LoRA: the
+    policy with adapters disabled; full: a copy of the starting weights)."""
+    if recipe.method.objective == "reward":
+        return reward.reward_step, reward.reward_evaluate
     if recipe.model.task == "sequence_classification":
         labels = recipe.model.num_labels
         return train_step, lambda strategy, batches, device: evaluate_classifier(strategy, batches, device, labels)

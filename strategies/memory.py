@@ -74,9 +74,9 @@ class TrainingSetup(_Frozen):
     """The numerics and batch shape a run trains with."""
 
     method: Method = Field(description="Full fine-tuning, LoRA, or LoRA on a 4-bit base.")
-    objective: Literal["sft", "dpo"] = Field(
-        description="DPO forwards chosen and rejected rows together and, for full fine-tuning, keeps a "
-        "frozen reference copy of the starting weights on every rank."
+    objective: Literal["sft", "dpo", "reward"] = Field(
+        description="DPO and reward models forward chosen and rejected rows together; DPO with full "
+        "fine-tuning also keeps a frozen reference copy of the starting weights on every rank."
     )
     world_size: int = Field(ge=1, description="Data-parallel ranks N that shard state.")
     weight_bytes: Literal[2, 4] = Field(description="Bytes per weight as loaded (model.dtype).")
@@ -195,7 +195,7 @@ def deepspeed_state(
 def activation_bytes(shape: ModelShape, setup: TrainingSetup) -> float:
     """Activations kept for backward at the peak (see the module docstring)."""
     s, h, c = setup.seq_len, shape.hidden_size, setup.compute_bytes
-    b = setup.micro_batch_size * (2 if setup.objective == "dpo" else 1)  # DPO: chosen and rejected rows
+    b = setup.micro_batch_size * (1 if setup.objective == "sft" else 2)  # pairs: chosen and rejected rows
     per_token_factor = 34 + (5 * shape.num_heads * s / h if setup.eager_attention else 0)
     per_layer = s * b * h * per_token_factor * c / 2
     logits = s * b * shape.vocab_size * (c + 8) if setup.causal_lm else 0

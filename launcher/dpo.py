@@ -18,7 +18,6 @@ modelling, in ``reward.py``.
 from __future__ import annotations
 
 import torch
-import torch.distributed as dist
 import torch.nn.functional as F
 
 from tunefleet.launcher import reward
@@ -65,38 +64,23 @@ def pair_statistics(policy: torch.Tensor, reference: torch.Tensor, batch: dict[s
     return reward.pair_statistics(beta * (policy - reference), batch)
 
 
+def implicit_rewards(strategy: Strategy, reference: torch.nn.Module | None, beta: float) -> reward.RowRewards:
+    """DPO's per-row reward: ``beta * (log pi(y|x) - log pi_ref(y|x))``."""
+
+    def rewards(model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        reference_side = reference_logps(strategy, reference, batch)
+        return beta * (sequence_logps(model, batch) - reference_side)
+
+    return rewards
+
+
 def dpo_step(strategy: Strategy, reference: torch.nn.Module | None, micro_batches: list[dict[str, torch.Tensor]],
              device: torch.device, *, beta: float) -> PairStepResult:
     """Forward/backward every micro-batch of pairs on this rank, then one optimizer step."""
-    global_pairs, global_targets, global_inputs = reward.count_pairs(micro_batches, device)
-    world_size = dist.get_world_size() if dist.is_initialized() else 1
-    scale = world_size / max(global_pairs, 1)
-    loss_sum = torch.zeros((), dtype=torch.float64, device=device)
-    stats = torch.zeros(5, dtype=torch.float64, device=device)
-    strategy.model.train()
-    for index, batch in enumerate(micro_batches):
-        batch = {k: v.to(device, non_blocking=True) for k, v in batch.items()}
-        reference_side = reference_logps(strategy, reference, batch)
-        with strategy.no_sync(index < len(micro_batches) - 1):
-            policy_side = sequence_logps(strategy.model, batch)
-            micro_loss, micro_stats = pair_statistics(policy_side, reference_side, batch, beta)
-            strategy.backward(micro_loss * scale)
-        loss_sum += micro_loss.detach().double()
-        stats += micro_stats
-    grad_norm = strategy.optimizer_step()
-    totals = reward.all_reduce_sum(torch.cat([loss_sum.view(1), stats])).tolist()
-    return reward.pair_result(totals, global_targets, global_inputs, grad_norm)
+    return reward.pair_step(strategy, micro_batches, device, implicit_rewards(strategy, reference, beta))
 
 
-@torch.no_grad()
 def dpo_evaluate(strategy: Strategy, reference: torch.nn.Module | None, batches: list[dict[str, torch.Tensor]],
                  device: torch.device, *, beta: float) -> dict[str, float]:
     """Mean DPO loss, reward accuracy and margin over every rank's eval pairs."""
-    strategy.model.eval()
-    totals = torch.zeros(6, dtype=torch.float64, device=device)
-    for batch in batches:
-        batch = {k: v.to(device) for k, v in batch.items()}
-        policy_side, reference_side = sequence_logps(strategy.model, batch), reference_logps(strategy, reference, batch)
-        loss, stats = pair_statistics(policy_side, reference_side, batch, beta)
-        totals += torch.cat([loss.double().view(1), stats])
-    return reward.pair_metrics(reward.pair_result(reward.all_reduce_sum(totals).tolist(), 0, 0, None))
+    return reward.pair_evaluate(strategy, batches, device, implicit_rewards(strategy, reference, beta))

@@ -16,6 +16,7 @@ gives exactly the gradient of the global mean.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -23,7 +24,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 
 from tunefleet.launcher.data import IGNORE_INDEX, model_inputs
-from tunefleet.launcher.steps import StepResult
+from tunefleet.launcher.steps import StepResult, all_reduce_sum
 from tunefleet.strategies.base import Strategy
 
 
@@ -58,12 +59,6 @@ def pair_statistics(rewards: torch.Tensor, batch: dict[str, torch.Tensor]) -> tu
     return losses.sum(), stats.double()
 
 
-def all_reduce_sum(values: torch.Tensor) -> torch.Tensor:
-    if dist.is_initialized():
-        dist.all_reduce(values)
-    return values
-
-
 def count_pairs(micro_batches: list[dict[str, torch.Tensor]], device: torch.device) -> tuple[int, int, int]:
     """Global (pairs, target tokens, non-pad input tokens) of this step's batches."""
     local = torch.tensor([[
@@ -96,9 +91,14 @@ def scores(model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tens
     return model(**model_inputs(batch), use_cache=False).logits[:, 0].float()
 
 
-def reward_step(strategy: Strategy, micro_batches: list[dict[str, torch.Tensor]],
-                device: torch.device) -> PairStepResult:
-    """Forward/backward every micro-batch of pairs on this rank, then one optimizer step."""
+# Per row of a pair batch (chosen rows first): its reward under the model given; differentiable.
+RowRewards = Callable[[torch.nn.Module, dict[str, torch.Tensor]], torch.Tensor]
+
+
+def pair_step(strategy: Strategy, micro_batches: list[dict[str, torch.Tensor]], device: torch.device,
+              rewards: RowRewards) -> PairStepResult:
+    """Forward/backward every micro-batch of pairs on this rank, then one optimizer step (reward
+    modelling and DPO differ only in ``rewards``)."""
     global_pairs, global_targets, global_inputs = count_pairs(micro_batches, device)
     world_size = dist.get_world_size() if dist.is_initialized() else 1
     scale = world_size / max(global_pairs, 1)
@@ -107,7 +107,7 @@ def reward_step(strategy: Strategy, micro_batches: list[dict[str, torch.Tensor]]
     for index, batch in enumerate(micro_batches):
         batch = {k: v.to(device, non_blocking=True) for k, v in batch.items()}
         with strategy.no_sync(index < len(micro_batches) - 1):
-            micro_loss, micro_stats = pair_statistics(scores(strategy.model, batch), batch)
+            micro_loss, micro_stats = pair_statistics(rewards(strategy.model, batch), batch)
             strategy.backward(micro_loss * scale)
         totals += torch.cat([micro_loss.detach().double().view(1), micro_stats])
     grad_norm = strategy.optimizer_step()
@@ -115,13 +115,23 @@ def reward_step(strategy: Strategy, micro_batches: list[dict[str, torch.Tensor]]
 
 
 @torch.no_grad()
-def reward_evaluate(strategy: Strategy, batches: list[dict[str, torch.Tensor]],
-                    device: torch.device) -> dict[str, float]:
+def pair_evaluate(strategy: Strategy, batches: list[dict[str, torch.Tensor]], device: torch.device,
+                  rewards: RowRewards) -> dict[str, float]:
     """Mean pairwise loss, reward accuracy and margin over every rank's eval pairs."""
     strategy.model.eval()
     totals = torch.zeros(6, dtype=torch.float64, device=device)
     for batch in batches:
         batch = {k: v.to(device) for k, v in batch.items()}
-        loss, stats = pair_statistics(scores(strategy.model, batch), batch)
+        loss, stats = pair_statistics(rewards(strategy.model, batch), batch)
         totals += torch.cat([loss.double().view(1), stats])
     return pair_metrics(pair_result(all_reduce_sum(totals).tolist(), 0, 0, None))
+
+
+def reward_step(strategy: Strategy, micro_batches: list[dict[str, torch.Tensor]],
+                device: torch.device) -> PairStepResult:
+    return pair_step(strategy, micro_batches, device, scores)
+
+
+def reward_evaluate(strategy: Strategy, batches: list[dict[str, torch.Tensor]],
+                    device: torch.device) -> dict[str, float]:
+    return pair_evaluate(strategy, batches, device, scores)

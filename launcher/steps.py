@@ -54,11 +54,15 @@ def _count_targets(batch: dict[str, torch.Tensor]) -> int:
     return int((labels != IGNORE_INDEX).sum())
 
 
-def _all_reduce_sum(values: list[float], device: torch.device) -> list[float]:
-    tensor = torch.tensor(values, dtype=torch.float64, device=device)
+def all_reduce_sum(values: torch.Tensor) -> torch.Tensor:
+    """Sum ``values`` over ranks in place (a no-op without a process group); returns it."""
     if dist.is_initialized():
-        dist.all_reduce(tensor)
-    return tensor.tolist()
+        dist.all_reduce(values)
+    return values
+
+
+def _all_reduce_sum(values: list[float], device: torch.device) -> list[float]:
+    return all_reduce_sum(torch.tensor(values, dtype=torch.float64, device=device)).tolist()
 
 
 def train_step(strategy: Strategy, micro_batches: list[dict[str, torch.Tensor]], device: torch.device) -> StepResult:
@@ -128,9 +132,7 @@ def evaluate_classifier(strategy: Strategy, batches: list[dict[str, torch.Tensor
             torch.bincount(predicted, minlength=num_labels),
             torch.bincount(actual, minlength=num_labels),
         ]).double()
-    totals = torch.cat([loss_sum, counts.flatten()])
-    if dist.is_initialized():
-        dist.all_reduce(totals)
+    totals = all_reduce_sum(torch.cat([loss_sum, counts.flatten()]))
     true_positive, predicted, actual = totals[1:].view(3, num_labels)
     rows = max(float(actual.sum()), 1.0)
     seen = (predicted + actual) > 0

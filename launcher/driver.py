@@ -25,6 +25,7 @@ from tunefleet.launcher.planner import plan_report
 from tunefleet.launcher.preflight import package_versions
 from tunefleet.launcher.recipe import Recipe
 from tunefleet.launcher.train import Job
+from tunefleet.strategies.base import StrategyPlan
 
 RESOLVED_RECIPE = "recipe.resolved.yaml"
 _FORWARDED_ENV = ("TUNEFLEET_", "WANDB_", "HF_", "TRANSFORMERS_", "TORCH_EXTENSIONS_DIR", "RAY_TRAIN_", "DS_")
@@ -60,11 +61,9 @@ class LaunchResult:
     preempted_at: int | None = None
 
 
-def prepare_job(recipe: Recipe, source: str, resume: str, prepare_data=None,
-                on_this_machine: bool = False) -> tuple[Job, str]:
-    """Check the recipe, settle the plan against any checkpoint, then tokenize (``prepare_data``: in
-    this process by default; ``launch`` passes ``preprocess.prepare_on_ray`` once Ray is up)."""
-    plan, reason = check_recipe(recipe, source, on_this_machine=on_this_machine)
+def prepare_job(recipe: Recipe, plan: StrategyPlan, reason: str, resume: str) -> tuple[Job, str]:
+    """With Ray up and the recipe checked (``check_recipe``): settle the plan against any checkpoint,
+    then tokenize once, as a Ray task on this node (bad rows raise DataError here)."""
     existing = checkpoint.latest(recipe.checkpoint_dir)
     if existing is not None and resume == "never":
         raise UserError(
@@ -78,10 +77,7 @@ def prepare_job(recipe: Recipe, source: str, resume: str, prepare_data=None,
             reason += f"; accumulation set to {plan.grad_accum_steps} to keep the checkpoint's global batch"
     wandb_run_id = checkpoint.read_meta(existing).get("wandb_run_id") if existing else None
     model_path = modeling.resolve_model_path(recipe.model)
-    if prepare_data is None:
-        data_dir = data.prepare(recipe.data, modeling.load_tokenizer(model_path), model_path, seed=recipe.train.seed)
-    else:
-        data_dir = prepare_data(recipe.data, model_path, seed=recipe.train.seed)
+    data_dir = preprocess.prepare_on_ray(recipe.data, model_path, seed=recipe.train.seed)
     report = plan_report(recipe)
     job = Job(
         recipe=recipe, strategy_plan=plan,
@@ -143,13 +139,11 @@ def launch(recipe: Recipe, *, source: str, address: str | None = None, resume: s
 
     console = console or LaunchConsole(enabled=recipe.logging.console)
     address = address or recipe.cluster.address or os.environ.get("RAY_ADDRESS")
-    check_recipe(recipe, source, on_this_machine=address is None)  # input mistakes surface before Ray starts
+    plan, reason = check_recipe(recipe, source, on_this_machine=address is None)  # before Ray starts
     started = time.time()
     _connect(recipe, address)
     try:
-        # Tokenize once, as a Ray task on this node; bad rows raise DataError here.
-        job, reason = prepare_job(recipe, source, resume, prepare_data=preprocess.prepare_on_ray,
-                                  on_this_machine=address is None)
+        job, reason = prepare_job(recipe, plan, reason, resume)
         output_dir = Path(recipe.output_dir)
         output_dir.mkdir(parents=True, exist_ok=True)
         (output_dir / RESOLVED_RECIPE).write_text(_resolved_yaml(recipe, job, reason))

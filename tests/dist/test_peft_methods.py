@@ -1,5 +1,5 @@
-"""Every peft method trains under 2-rank DDP (prefix tuning also FSDP2) and saves an adapter peft
-reloads exactly.
+"""Every peft method trains under 2-rank DDP and under a sharding strategy, and saves an adapter
+peft reloads exactly.
 
 Each parametrized case writes a run folder (``recipe.resolved.yaml``) and spawns a
 2-rank gloo group that loads the tiny Llama through the real ``load_model``, trains
@@ -29,6 +29,8 @@ NUM_STEPS = 2
 VOCAB_SIZE = 1024  # tiny:llama's tokenizer
 LOGITS_RTOL = 1e-5
 METHODS = {
+    "lora": {"kind": "lora", "lora": {"r": 4}},
+    "qlora": {"kind": "qlora", "lora": {"r": 4}},
     "dora-rslora": {"kind": "lora", "lora": {"r": 4, "use_dora": True, "use_rslora": True}},
     "ia3": {"kind": "ia3"},
     "prefix_tuning": {"kind": "prefix_tuning", "virtual_tokens": {"num": 4}},
@@ -102,11 +104,16 @@ def write_run(run_dir: Path, model_dir: str, strategy: str, method: dict) -> Non
     (run_dir / "recipe.resolved.yaml").write_text(recipe.to_yaml())
 
 
-def reload_logits(out_dir: str) -> torch.Tensor:
-    """Logits of the saved adapter, loaded with plain peft (its virtual-token positions dropped)."""
+def reload_logits(out_dir: str, method: dict) -> torch.Tensor:
+    """Logits of the saved adapter, loaded with plain peft (its virtual-token positions dropped); a QLoRA
+    adapter onto its base quantized as in training."""
     import peft
+    import transformers
 
-    model = peft.AutoPeftModelForCausalLM.from_pretrained(out_dir).eval()
+    quantized = {"quantization_config": transformers.BitsAndBytesConfig(
+        load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
+        bnb_4bit_compute_dtype=torch.float32)} if method["kind"] == "qlora" else {}
+    model = peft.AutoPeftModelForCausalLM.from_pretrained(out_dir, **quantized).eval()
     test = _batch(-1)
     with torch.no_grad():
         logits = model(input_ids=test["input_ids"], attention_mask=test["attention_mask"]).logits
@@ -120,9 +127,11 @@ def tiny_llama_dir() -> str:
     return str(ensure_tiny_model("llama"))
 
 
-# Every method under DDP; prefix tuning also under FSDP2, where peft's own save_pretrained fails on
-# the sharded prompt table (``modeling.save_final`` computes it from the gathered state instead).
-@pytest.mark.parametrize(("strategy", "name"), [*(("ddp", name) for name in METHODS), ("fsdp", "prefix_tuning")])
+# Every method under DDP and under FSDP2, where peft's own save_pretrained fails on a sharded prompt
+# table (``modeling.save_final`` computes it from the gathered state instead). LoRA under the ZeRO
+# stages: tests/dist/test_strategies.py and test_export.py.
+@pytest.mark.parametrize("strategy", ["ddp", "fsdp"])
+@pytest.mark.parametrize("name", list(METHODS))
 def test_method_trains_and_reloads_with_peft(strategy, name, tiny_llama_dir, tmp_path):
     from tunefleet.launcher.export import export
 
@@ -131,6 +140,6 @@ def test_method_trains_and_reloads_with_peft(strategy, name, tiny_llama_dir, tmp
     logits = run_ranks(train_and_save, strategy, str(run_dir), workdir=tmp_path / "ranks", world_size=WORLD_SIZE)
     torch.testing.assert_close(logits[0], logits[1], rtol=0, atol=0)  # the ranks hold the same model
     assert (run_dir / "final" / "adapter_config.json").is_file()
-    torch.testing.assert_close(reload_logits(str(run_dir / "final")), logits[0], rtol=LOGITS_RTOL, atol=1e-6)
     export(run_dir, out=tmp_path / "exported")
-    torch.testing.assert_close(reload_logits(str(tmp_path / "exported")), logits[0], rtol=LOGITS_RTOL, atol=1e-6)
+    for saved in (run_dir / "final", tmp_path / "exported"):
+        torch.testing.assert_close(reload_logits(str(saved), METHODS[name]), logits[0], rtol=LOGITS_RTOL, atol=1e-6)

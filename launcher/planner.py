@@ -31,7 +31,7 @@ from tunefleet.launcher.recipe import ADAPTER_KINDS, TINY_PREFIX, ModelConfig, R
 from tunefleet.strategies import memory
 from tunefleet.strategies.compat import check_compatibility
 from tunefleet.strategies.fsdp import decoder_layers
-from tunefleet.strategies.memory import GiB, MemoryEstimate, ModelShape, TrainingSetup
+from tunefleet.strategies.memory import GiB, MemoryEstimate, Method, ModelShape, TrainingSetup
 
 # Simplest first: auto takes the first one that fits.
 STRATEGY_ORDER = ("ddp", "deepspeed_zero2", "fsdp", "deepspeed_zero3")
@@ -173,7 +173,7 @@ class PlanReport(_Frozen):
     """The planner's estimate for every strategy and its choice; frozen so a run can record it."""
 
     model_path: str = Field(description="The recipe's model.path.")
-    method: Literal["full", "lora", "qlora"] = Field(description="The recipe's method.kind.")
+    method: Method = Field(description="The recipe's method.kind.")
     num_params: int = Field(description="All parameters (exact, from the meta-device model).")
     num_trainable_params: int = Field(description="Parameters the optimizer updates.")
     device: Literal["gpu", "cpu"] = Field(description="What a worker trains on.")

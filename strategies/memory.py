@@ -42,7 +42,8 @@ QLORA_BYTES_PER_PARAM = (4 + 8 / 64 + 32 / (64 * 256)) / 8
 ADAM_MOMENTS = 2
 ZERO_STAGES: dict[str, Literal[2, 3]] = {"deepspeed_zero2": 2, "deepspeed_zero3": 3}
 
-Method = Literal["full", "lora", "qlora"]
+# Every adapter kind plans like LoRA: a frozen base in its loaded dtype, fp32 adapters.
+Method = Literal["full", "lora", "qlora", "ia3", "prefix_tuning", "prompt_tuning"]
 MixedPrecision = Literal["no", "bf16", "fp16"]
 
 
@@ -73,7 +74,7 @@ class ModelShape(_Frozen):
 class TrainingSetup(_Frozen):
     """The numerics and batch shape a run trains with."""
 
-    method: Method = Field(description="Full fine-tuning, LoRA, or LoRA on a 4-bit base.")
+    method: Method = Field(description="Full fine-tuning, LoRA on a 4-bit base (qlora), or another peft adapter.")
     objective: Literal["sft", "dpo", "reward"] = Field(
         description="DPO and reward models forward chosen and rejected rows together; DPO with full "
         "fine-tuning also keeps a frozen reference copy of the starting weights on every rank."

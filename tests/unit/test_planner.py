@@ -162,6 +162,16 @@ def test_qlora_stores_the_base_linears_in_about_half_a_byte():
     assert report.choice == "ddp"
 
 
+
+@pytest.mark.parametrize("kind", ["ia3", "prefix_tuning", "prompt_tuning"])
+def test_other_adapter_kinds_plan_a_frozen_base_and_small_fp32_state(kind):
+    recipe = make_recipe("meta-llama/Llama-3.1-8B", method={"kind": kind}, model={"dtype": "bfloat16"})
+    report = planner.plan_report(recipe, gpus_per_node=1)
+    ddp, trainable = report.rows[0].memory, report.num_trainable_params
+    assert 0 < trainable < report.num_params / 1000  # peft built the adapter on the meta model
+    assert ddp.params_bytes == 2 * (report.num_params - trainable) + 4 * trainable
+    assert (ddp.grads_bytes, ddp.optimizer_bytes) == (4 * trainable, 8 * trainable)
+
 # --------------------------------------------------------------------------- real architectures
 @pytest.mark.parametrize("model_id", sorted(PUBLIC_PARAM_COUNTS))
 def test_shipped_configs_plan_with_their_public_parameter_counts(model_id):

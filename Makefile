@@ -12,7 +12,7 @@ export TORCH_EXTENSIONS_DIR ?= $(CURDIR)/.cache/torch_extensions
 export WANDB_SILENT ?= true
 export PIP_DISABLE_PIP_VERSION_CHECK := 1
 
-.PHONY: venv demo test test-fast test-dist test-e2e bench clean
+.PHONY: venv demo test test-fast test-dist test-e2e bench docs clean
 
 $(BIN)/.installed: pyproject.toml constraints.txt
 	$(PYTHON) -m venv $(VENV)
@@ -40,7 +40,14 @@ test-e2e: venv
 	$(BIN)/python -m pytest tests -m e2e $(PYTEST_ARGS)
 
 bench: venv
+	$(BIN)/pip install -q -c $(VENV)/torch-constraint.txt -c constraints.txt -e ".[bench]"
 	$(BIN)/python benchmarks/run.py
+
+# The documentation site, built strictly (any warning fails) into site/; open site/index.html.
+docs: venv
+	$(BIN)/python -c "import mkdocs, material" 2>/dev/null || \
+		$(BIN)/pip install -q -c $(VENV)/torch-constraint.txt -c constraints.txt -e ".[docs]"
+	$(BIN)/mkdocs build --strict --site-dir site
 
 clean:
 	rm -rf runs build *.egg-info .pytest_cache

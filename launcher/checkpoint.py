@@ -2,10 +2,12 @@
 
 Layout: ``<dir>/step_<N>/`` holds ``state/`` (the strategy's model, optimizer
 and scheduler), ``rng/rank_<R>.pt`` and ``meta.json`` (step, tokens seen,
-world size, W&B run id, recipe fingerprint), then ``COMPLETE`` last. Ranks
-write into ``<dir>/.partial-step_<N>/`` which rank 0 renames once everything
-is on disk, so a crash mid-save leaves only a partial folder that "latest"
-never picks and the next save clears.
+world size, W&B run id, recipe fingerprint, the best evaluation so far), then
+``COMPLETE`` last. Ranks write into ``<dir>/.partial-step_<N>/`` which rank 0
+renames once everything is on disk, so a crash mid-save leaves only a partial
+folder that "latest" never picks and the next save clears. Pruning keeps the
+last ``keep_last`` and, with ``keep_best``, the best checkpoint the newest one
+names.
 """
 
 from __future__ import annotations
@@ -73,14 +75,20 @@ def read_meta(path: str | Path) -> dict:
     return json.loads((Path(path) / "meta.json").read_text())
 
 
+def best_step(path: str | Path) -> int | None:
+    """The step of the best checkpoint as recorded in the checkpoint at ``path``, if any."""
+    return (read_meta(path).get("best") or {}).get("step")
+
+
 class CheckpointManager:
     """Saves are collective. With ``async_save`` and a strategy that can (``AsyncSave``),
     the state is written in the background and the step loop stalls only for staging;
     the checkpoint becomes complete (marker + rename) once every rank's write is done."""
 
-    def __init__(self, root: str, keep_last: int, async_save: bool = False):
+    def __init__(self, root: str, keep_last: int, async_save: bool = False, keep_best: bool = False):
         self.root = Path(root)
         self.keep_last = keep_last
+        self.keep_best = keep_best
         self.async_save = async_save
         self._pending: threading.Thread | None = None
         self._pending_error: list[BaseException] = []
@@ -161,8 +169,13 @@ class CheckpointManager:
         return meta
 
     def prune(self) -> None:
-        for step in complete_steps(self.root)[: -self.keep_last]:
-            shutil.rmtree(self.root / f"step_{step}", ignore_errors=True)
+        """Keep the last ``keep_last`` complete checkpoints, and with ``keep_best`` the best one
+        that the newest checkpoint's meta names (``best.step``, see best_metric.py)."""
+        steps = complete_steps(self.root)
+        protected = best_step(self.root / f"step_{steps[-1]}") if self.keep_best and steps else None
+        for step in steps[: -self.keep_last]:
+            if step != protected:
+                shutil.rmtree(self.root / f"step_{step}", ignore_errors=True)
         for stale in self.root.glob(".partial-step_*"):
             match = re.search(r"(\d+)$", stale.name)
             if match and (self.root / f"step_{match.group(1)}").exists():

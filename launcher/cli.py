@@ -163,6 +163,29 @@ def preprocess_data(recipe: RecipeArg, overrides: SetOption = None) -> None:
     render_report(preprocess_report(load_recipe(recipe, overrides or [])), out)
 
 
+@app.command("eval")
+def evaluate_model(
+    target: Annotated[Path, typer.Argument(help="A run's output_dir (evaluates its final/ with the recorded recipe), "
+                                           "or an exported model or adapter folder.", show_default=False)],
+    data_file: Annotated[Path, typer.Option("--data", help="Rows to evaluate on, in the recipe's data format "
+                                            "(.jsonl, .json, .parquet, .csv or a folder).", show_default=False)],
+    metrics: Annotated[list[str] | None, typer.Option("--metric", help="Show only this figure, e.g. eval_loss "
+                                                      "(repeatable); default every figure the recipe reports.")] = None,
+    recipe: Annotated[Path | None, typer.Option(help="The recipe the model was trained with; default the run's "
+                                                "recorded recipe.resolved.yaml.")] = None,
+    overrides: SetOption = None,
+    output: Annotated[Path | None, typer.Option(help="Also write the figures to this JSON file.")] = None,
+    address: Annotated[str | None, typer.Option(help="Ray cluster to join; default RAY_ADDRESS or an embedded "
+                                                "local Ray.")] = None,
+) -> None:
+    """Evaluate an exported model or adapter on a file with the code and strategy training uses."""
+    from tunefleet.launcher.evaluate import run_eval, write_report
+
+    report = run_eval(target, data_file, metrics=metrics or [], recipe_file=recipe, overrides=overrides or [],
+                      address=address)
+    write_report(report, output, out)
+
+
 @app.command()
 def schema() -> None:
     """Print the recipe's JSON Schema (for editors)."""

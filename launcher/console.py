@@ -102,9 +102,26 @@ class LaunchConsole:
             "output_dir": str(output_dir),
             "final_dir": self.finish.get("final_dir"),
             "metrics": str(output_dir / "metrics.jsonl"),
+            **self._best_lines(),
         }
+        if summary.get("stopped_early_at"):
+            self._print(f"[bold]stopped early[/] at step {summary['stopped_early_at']} of {self._max_steps}: "
+                        f"no better {summary['best_metric']} in {summary['evals_without_improvement']} "
+                        f"evaluation(s); best {summary['best_value']:.4f} at step {summary['best_step']}")
         self._print_summary(summary)
         return summary
+
+    def _best_lines(self) -> dict:
+        """Early stopping and the best checkpoint, when the run followed a metric."""
+        best = self.finish.get("best")
+        if not best:
+            return {}
+        lines = {"stopped_early_at": self.finish.get("stopped_early_at"), "best_metric": best["metric"],
+                 "best_value": best["value"], "best_step": best["step"],
+                 "evals_without_improvement": best["evals_without_improvement"]}
+        if self.finish.get("final_step") is not None:
+            lines["final_from_step"] = self.finish["final_step"]
+        return lines
 
     def _print_summary(self, summary: dict) -> None:
         table = Table(title="tunefleet run summary", show_header=False)

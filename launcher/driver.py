@@ -108,7 +108,8 @@ def _connect(recipe: Recipe, address: str | None) -> None:
     ray.init(num_cpus=max(os.cpu_count() or 1, needed), logging_level="WARNING")
 
 
-def _trainer(job: Job, queue, control):
+def _trainer(job: Job, queue, control, *, loop=None, name: str | None = None, storage_path: str | None = None):
+    """The recipe's Ray Train worker group running ``loop`` (default: training) with ``job``."""
     from ray.train import FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchConfig, TorchTrainer
 
@@ -116,7 +117,7 @@ def _trainer(job: Job, queue, control):
 
     recipe, par = job.recipe, job.recipe.parallelism
     return TorchTrainer(
-        train_loop_per_worker,
+        loop or train_loop_per_worker,
         train_loop_config={"job": job, "queue": queue, "control": control},
         torch_config=TorchConfig(backend="nccl" if par.use_gpu else "gloo", timeout_s=par.collective_timeout_s),
         scaling_config=ScalingConfig(
@@ -125,7 +126,7 @@ def _trainer(job: Job, queue, control):
             placement_strategy="STRICT_SPREAD" if par.num_nodes > 1 and par.workers_per_node == 1 else "PACK",
         ),
         run_config=RunConfig(
-            name=recipe.name, storage_path=str(Path(recipe.output_dir) / "ray"),
+            name=name or recipe.name, storage_path=storage_path or str(Path(recipe.output_dir) / "ray"),
             failure_config=FailureConfig(max_failures=recipe.fault_tolerance.max_restarts),
             worker_runtime_env={"env_vars": _worker_env(recipe)},
         ),

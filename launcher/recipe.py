@@ -163,8 +163,17 @@ PROMPT_LEARNING = ("prefix_tuning", "prompt_tuning")  # methods that add virtual
 ADAPTER_KINDS = ("lora", "qlora", "ia3", *PROMPT_LEARNING)  # everything saved as a peft adapter
 
 
+def _peft_kind(value: Any) -> Any:
+    if isinstance(value, str) and value.lower() in ("bottleneck", "adapter", "houlsby", "pfeiffer"):
+        raise ValueError(f"{value}: peft provides no bottleneck (Houlsby/Pfeiffer) adapters; use lora (the usual "
+                         "choice), ia3 (fewest parameters), prefix_tuning or prompt_tuning, or full")
+    return value
+
+
 class MethodConfig(Section):
-    kind: Literal["full", "lora", "qlora", "ia3", "prefix_tuning", "prompt_tuning"] = Field(
+    kind: Annotated[
+        Literal["full", "lora", "qlora", "ia3", "prefix_tuning", "prompt_tuning"], BeforeValidator(_peft_kind)
+    ] = Field(
         "full", description="Full fine-tuning, LoRA adapters, LoRA on a 4-bit (nf4) base, IA3 activation "
         "scaling, prefix tuning (learned key/value prefixes in every layer) or prompt tuning (learned input "
         "embeddings); all but full train a peft adapter on a frozen base."
@@ -300,17 +309,66 @@ class EvalSplit(Section):
         "measured before training and at every evaluation (reference_perplexity, and "
         "reference_perplexity_change: minus the value before training, so rising means forgetting)."
     )
+    metric: str = Field(
+        "eval_loss", description="The evaluation figure that decides the best checkpoint "
+        "(`checkpoint.keep_best`) and early stopping, named as in metrics.jsonl: eval_loss; with a classifier "
+        "eval_accuracy, eval_f1; with dpo/reward eval_reward_accuracy, eval_reward_margin; with `generate` "
+        "eval_exact_match, eval_contains_match; with `reference_data` reference_perplexity."
+    )
+    metric_direction: Literal["min", "max"] | None = Field(
+        None, description="Whether a lower (`min`) or higher (`max`) `metric` is better; default from its name: "
+        "max for accuracies, F1, margins and matches, min for losses and perplexities."
+    )
+    early_stopping_patience: int | None = Field(
+        None, ge=1, description="Stop training after this many evaluations in a row without a new best "
+        "`metric` (evaluations from step 1 on; the one before training is the baseline, not a candidate). "
+        "The run ends as finished, with a checkpoint at the stopping step; relaunching it trains no further. "
+        "Needs `train.eval_every_steps`."
+    )
 
     @model_validator(mode="after")
     def _one_of(self) -> EvalSplit:
         if self.path is not None and self.fraction is not None:
             raise ValueError("set only one of data.eval.path and data.eval.fraction")
         if self.path is None and self.fraction is None:
-            used = [key for key in ("generate", "reference_data") if getattr(self, key) is not None]
+            used = [key for key in ("generate", "reference_data", "early_stopping_patience")
+                    if getattr(self, key) is not None]
             if used:
                 raise ValueError(f"data.eval.{used[0]}: runs with the evaluation, which needs held-out rows; "
                                  "set data.eval.path or data.eval.fraction")
         return self
+
+    @property
+    def has_rows(self) -> bool:
+        """Whether the run evaluates at all (held-out rows from a file or a fraction)."""
+        return self.path is not None or self.fraction is not None
+
+    @property
+    def direction(self) -> Literal["min", "max"]:
+        """`metric_direction`, or the direction its name implies."""
+        return self.metric_direction or METRIC_DIRECTIONS.get(self.metric, "min")
+
+
+# Evaluation figures a best checkpoint or early stopping can follow, and which way is better.
+METRIC_DIRECTIONS: dict[str, Literal["min", "max"]] = {
+    "eval_loss": "min", "eval_accuracy": "max", "eval_f1": "max", "eval_reward_accuracy": "max",
+    "eval_reward_margin": "max", "eval_exact_match": "max", "eval_contains_match": "max",
+    "reference_perplexity": "min", "reference_perplexity_change": "min",
+}
+
+
+def eval_metrics(*, task: str, objective: str, evaluation: EvalSplit | None) -> list[str]:
+    """The figures every evaluation of such a run reports (see ``evaluate.objective``), in display order."""
+    names = ["eval_loss"]
+    if objective in ("dpo", "reward"):
+        names += ["eval_reward_accuracy", "eval_reward_margin"]
+    elif task == "sequence_classification":
+        names += ["eval_accuracy", "eval_f1"]
+    if evaluation is not None and evaluation.generate is not None:
+        names += ["eval_exact_match", "eval_contains_match"]
+    if evaluation is not None and evaluation.reference_data is not None:
+        names += ["reference_perplexity", "reference_perplexity_change"]
+    return names
 
 
 class DataConfig(Section):
@@ -380,7 +438,16 @@ class DataConfig(Section):
                             f"{_KIND_FORMATS[needed]} rows, these are {_KIND_FORMATS[self.kind]}")
         if self.labels is not None and num_labels is not None and len(self.labels) != num_labels:
             problems.append(f"data.labels: {len(self.labels)} names but model.num_labels is {num_labels}")
-        return problems + self._eval_problems(task)
+        return problems + self._eval_problems(task) + self._metric_problems(task, objective)
+
+    def _metric_problems(self, task: str, objective: str) -> list[str]:
+        if self.eval is None or self.eval.metric == "eval_loss":
+            return []
+        produced = eval_metrics(task=task, objective=objective, evaluation=self.eval)
+        if self.eval.metric not in produced:
+            return [f"data.eval.metric: {self.eval.metric} is not reported by this recipe's evaluation; "
+                    f"choose one of {', '.join(produced)}"]
+        return []
 
     def _eval_problems(self, task: str) -> list[str]:
         """Generation needs prompts with marked responses; perplexity needs a language model."""
@@ -513,6 +580,16 @@ class CheckpointConfig(Section):
     )
     export_final: bool = Field(
         True, description="Save the trained model in Hugging Face format to `<output_dir>/final`."
+    )
+    keep_best: bool = Field(
+        False, description="Also keep the checkpoint with the best `data.eval.metric`, never pruned (besides the "
+        "last `keep_last`): an evaluation that sets a new best writes a checkpoint at its step. The best value "
+        "and step are recorded in every checkpoint's meta.json, so a resume keeps them. Needs `data.eval` and "
+        "`train.eval_every_steps`."
+    )
+    final_from: Literal["last", "best"] = Field(
+        "last", description="Which weights `<output_dir>/final` holds: the last step's, or the best checkpoint's "
+        "(needs `keep_best`)."
     )
     async_save: bool = Field(
         False, alias="async", description="Write checkpoints in the background (DCP strategies: ddp, fsdp); "
@@ -753,6 +830,30 @@ class Recipe(Section):
             raise ValueError("; ".join(problems))
         return self
 
+    @model_validator(mode="after")
+    def _best_tracking(self) -> Recipe:
+        """keep_best and early stopping follow evaluations, so they need some; final_from best needs keep_best."""
+        ckpt, evaluation = self.checkpoint, self.data.eval
+        wanted = [key for key, used in (("checkpoint.keep_best", ckpt.keep_best),
+                                        ("data.eval.early_stopping_patience",
+                                         evaluation is not None and evaluation.early_stopping_patience))
+                  if used]
+        problems = []
+        for key in wanted:
+            if evaluation is None or not evaluation.has_rows:
+                problems.append(f"{key}: follows data.eval.metric, which needs held-out rows; set data.eval.path "
+                                "or data.eval.fraction")
+            elif self.train.eval_every_steps is None:
+                problems.append(f"{key}: follows evaluations during training; set train.eval_every_steps")
+        if ckpt.final_from == "best" and not ckpt.keep_best:
+            problems.append("checkpoint.final_from: best needs checkpoint.keep_best: true")
+        elif ckpt.final_from == "best" and not ckpt.export_final:
+            problems.append("checkpoint.final_from: best has no effect with checkpoint.export_final: false; "
+                            "remove it or export")
+        if problems:
+            raise ValueError("; ".join(problems))
+        return self
+
     @property
     def checkpoint_dir(self) -> str:
         return self.checkpoint.dir or str(Path(self.output_dir) / "checkpoints")
@@ -845,6 +946,12 @@ def load_recipe(path: str | Path, overrides: list[str] = ()) -> Recipe:
         raise RecipeError(str(path), _problems_from(exc)) from None
 
 
-def recipe_from_dict(raw: dict) -> Recipe:
-    """Rebuild an already-resolved recipe (as shipped to workers)."""
-    return Recipe.model_validate(raw)
+def recipe_from_dict(raw: dict, source: str | None = None) -> Recipe:
+    """Rebuild an already-resolved recipe (as shipped to workers); with ``source``, a recipe edited in code
+    whose problems are reported as RecipeError from that file."""
+    if source is None:
+        return Recipe.model_validate(raw)
+    try:
+        return Recipe.model_validate(raw)
+    except ValidationError as exc:
+        raise RecipeError(source, _problems_from(exc)) from None

@@ -3,7 +3,6 @@ process group already up; reads top to bottom, like a single-file recipe."""
 
 from __future__ import annotations
 
-import math
 import random
 import time
 from dataclasses import dataclass, field
@@ -13,14 +12,16 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-from tunefleet.launcher import data, dpo, generation, modeling, reward, throughput
+from tunefleet.launcher import data, modeling, throughput
+from tunefleet.launcher.best_metric import META_KEY as BEST_KEY
+from tunefleet.launcher.best_metric import BestMetric
 from tunefleet.launcher.checkpoint import CheckpointManager, latest, read_meta
 from tunefleet.launcher.control import StopPoller
+from tunefleet.launcher.evaluate import evaluate_all, objective, open_eval_inputs
 from tunefleet.launcher.metrics import Reporter
 from tunefleet.launcher.plan import rebalance
 from tunefleet.launcher.preflight import run_preflight
 from tunefleet.launcher.recipe import Recipe
-from tunefleet.launcher.steps import evaluate, evaluate_classifier, train_step
 from tunefleet.strategies import base as strategies
 from tunefleet.strategies.base import StrategyPlan
 
@@ -82,31 +83,18 @@ def run(job: Job, reporter: Reporter, control=None, node: str | None = None) -> 
 
     # Data: memory-mapped token arrays prepared once by the driver.
     train_split = data.open_split(Path(job.data_dir), "train")
-    eval_split = data.open_split(Path(job.data_dir), "eval")
     pad_id = tokenizer.pad_token_id
-    eval_set = (
-        data.eval_batches(eval_split, rank=rank, world_size=world_size, batch_size=plan.micro_batch_size,
-                          max_rows=recipe.data.eval.max_rows, pad_id=pad_id)
-        if eval_split is not None else None
-    )
-
+    # The objective's figures, greedy generations matched with references, and the forgetting watch.
+    eval_set = open_eval_inputs(recipe, job.data_dir, tokenizer, rank=rank, world_size=world_size,
+                                batch_size=plan.micro_batch_size)
     step_fn, evaluate_fn = objective(recipe, job.model_path, device)
-    # Beyond the objective's figures: greedy generations matched with references, and the forgetting watch.
-    generate = recipe.data.eval.generate if eval_set is not None else None
-    prompts = (generation.rank_prompts(eval_split, tokenizer, max_prompts=generate.max_prompts, rank=rank,
-                                       world_size=world_size) if generate is not None else None)
-    reference_split = data.open_split(Path(job.data_dir), "reference")
-    reference_set = (
-        data.eval_batches(reference_split, rank=rank, world_size=world_size, batch_size=plan.micro_batch_size,
-                          max_rows=None, pad_id=pad_id)
-        if reference_split is not None else None
-    )
     reference_start = None  # reference perplexity before training; a resume reads it from the checkpoint
+    best = BestMetric.for_recipe(recipe)  # checkpoint.keep_best, early stopping; None without either
+    stopped_early_at = None
 
     # Resume from the newest complete checkpoint, if any.
-    checkpoints = CheckpointManager(
-        recipe.checkpoint_dir, recipe.checkpoint.keep_last, async_save=recipe.checkpoint.async_save
-    )
+    checkpoints = CheckpointManager(recipe.checkpoint_dir, recipe.checkpoint.keep_last,
+                                    async_save=recipe.checkpoint.async_save, keep_best=recipe.checkpoint.keep_best)
     start_step, tokens_seen, wandb_run_id = 0, 0, job.wandb_run_id
     if (resume_from := latest(recipe.checkpoint_dir)) is not None:
         # Trainable as at the checkpoint, so the loader restores optimizer state for exactly those parameters.
@@ -115,6 +103,9 @@ def run(job: Job, reporter: Reporter, control=None, node: str | None = None) -> 
         start_step, tokens_seen = meta["step"], meta["tokens_seen"]
         wandb_run_id = meta.get("wandb_run_id", wandb_run_id)
         reference_start = meta.get("reference_perplexity_start")
+        stopped_early_at = meta.get("stopped_early_at")  # a stopped run stays stopped
+        if best is not None:
+            best.restore(meta.get(BEST_KEY))
     restarts = count_attempt(recipe.output_dir, job.launch_id, rank) - 1
     reporter.start(start_step=start_step, resumed_from=resume_from,
                    attachments={"preflight": preflight, "plan": plan.model_dump(mode="json"), **job.attachments})
@@ -125,20 +116,23 @@ def run(job: Job, reporter: Reporter, control=None, node: str | None = None) -> 
             "tokens_seen": tokens_seen, "world_size": world_size, "wandb_run_id": wandb_run_id,
             "recipe_fingerprint": recipe.fingerprint(), "strategy": plan.name,
             "global_batch_rows": plan.global_batch_rows, "reference_perplexity_start": reference_start,
+            BEST_KEY: best.state() if best is not None else None, "stopped_early_at": stopped_early_at,
         }, before_commit=lambda: inject_fault(job, rank, step, "checkpoint"))
         reporter.log({"step": step, "checkpoint_stall_s": time.perf_counter() - started})
 
-    def run_evaluation(step: int) -> None:
+    def run_evaluation(step: int) -> bool:
+        """Evaluate and log; True when it is a new best that `checkpoint.keep_best` keeps."""
         nonlocal reference_start
-        row = {"step": step, **evaluate_fn(strategy, eval_set, device)}
-        if prompts is not None:
-            row |= generation.evaluate_generation(strategy, prompts, tokenizer, batch_size=plan.micro_batch_size,
-                                                  max_new_tokens=generate.max_new_tokens, device=device)
-        if reference_set is not None:
-            perplexity = math.exp(evaluate(strategy, reference_set, device))
-            reference_start = perplexity if reference_start is None else reference_start
-            row |= {"reference_perplexity": perplexity, "reference_perplexity_change": perplexity - reference_start}
-        reporter.log(row)
+        row = evaluate_all(strategy, eval_set, evaluate_fn, recipe, tokenizer, batch_size=plan.micro_batch_size,
+                           device=device)
+        if "reference_perplexity" in row:
+            reference_start = row["reference_perplexity"] if reference_start is None else reference_start
+            row["reference_perplexity_change"] = row["reference_perplexity"] - reference_start
+        improved = best is not None and best.update(step, agreed(row[best.metric], device))
+        if best is not None and best.step is not None:
+            row |= {"best_metric": best.value, "best_step": best.step}
+        reporter.log({"step": step, **row})
+        return improved and recipe.checkpoint.keep_best
 
     if eval_set is not None and start_step == 0:
         run_evaluation(0)
@@ -146,7 +140,8 @@ def run(job: Job, reporter: Reporter, control=None, node: str | None = None) -> 
     # The loop.
     every_eval, every_ckpt = recipe.train.eval_every_steps, recipe.checkpoint.every_steps
     stop = StopPoller(control, rank)
-    for step in range(start_step, recipe.train.max_steps):
+    last_step = recipe.train.max_steps if stopped_early_at is None else start_step  # resuming a stopped run: done
+    for step in range(start_step, last_step):
         micro_batches = data.rank_micro_batches(
             train_split, step, rank=rank, world_size=world_size,
             micro_batch_size=plan.micro_batch_size, grad_accum_steps=plan.grad_accum_steps,
@@ -173,11 +168,17 @@ def run(job: Job, reporter: Reporter, control=None, node: str | None = None) -> 
                 "packing_efficiency": batch_fill(micro_batches), "restarts": restarts,
                 **result.metrics(), **memory_per_rank(strategy, device),
             })
+        new_best = False
         if eval_set is not None and every_eval and done % every_eval == 0 and done != recipe.train.max_steps:
-            run_evaluation(done)
-        saved = every_ckpt and done % every_ckpt == 0 and done != recipe.train.max_steps
+            new_best = run_evaluation(done)
+        if best is not None and best.should_stop and done != recipe.train.max_steps:
+            stopped_early_at = done  # on every rank: they all followed rank 0's figure (`agreed`)
+        periodic = every_ckpt and done % every_ckpt == 0
+        saved = (periodic or new_best or stopped_early_at is not None) and done != recipe.train.max_steps
         if saved:
             save_checkpoint(done)
+        if stopped_early_at is not None:
+            break
         if done != recipe.train.max_steps and stop.agreed():
             if not saved:
                 save_checkpoint(done)
@@ -185,39 +186,43 @@ def run(job: Job, reporter: Reporter, control=None, node: str | None = None) -> 
             strategy.teardown()
             return {"preempted_at": done, "reason": stop.reason, "preflight": preflight}
 
-    # The end: final eval, a last checkpoint, and the exported model.
+    # The end (unless stopped early): final eval, a last checkpoint, and the exported model.
     final_step = recipe.train.max_steps
-    if eval_set is not None and start_step < final_step:
-        run_evaluation(final_step)
-    if every_ckpt and start_step < final_step:
-        save_checkpoint(final_step)
+    if stopped_early_at is None and start_step < final_step:
+        new_best = run_evaluation(final_step) if eval_set is not None else False
+        if every_ckpt or new_best:
+            save_checkpoint(final_step)
     checkpoints.wait()
     final_dir = Path(recipe.output_dir) / "final"
+    exported_step = stopped_early_at or final_step
     if recipe.checkpoint.export_final:
+        if recipe.checkpoint.final_from == "best" and best.step is not None and best.step != exported_step:
+            exported_step = load_best(checkpoints, strategy, best.step)
         state = strategy.full_state_dict()
         if rank == 0:
             modeling.save_final(strategy.unwrapped, state, tokenizer, final_dir)
         dist.barrier()
     strategy.teardown()
-    return {"final_dir": str(final_dir) if recipe.checkpoint.export_final else None, "preflight": preflight}
+    return {"final_dir": str(final_dir) if recipe.checkpoint.export_final else None, "preflight": preflight,
+            "final_step": exported_step if recipe.checkpoint.export_final else None,
+            "stopped_early_at": stopped_early_at, **({"best": best.state()} if best is not None else {})}
 
 
-def objective(recipe: Recipe, model_path: str, device: torch.device):
-    """(step, evaluation) for the recipe: the token loss; the classifier loss with accuracy and macro F1;
-    a reward model's pairwise loss with reward accuracy; or DPO against a frozen reference (LoRA: the
-    policy with adapters disabled; full: a copy of the starting weights)."""
-    if recipe.method.objective == "reward":
-        return reward.reward_step, reward.reward_evaluate
-    if recipe.model.task == "sequence_classification":
-        labels = recipe.model.num_labels
-        return train_step, lambda strategy, batches, device: evaluate_classifier(strategy, batches, device, labels)
-    if recipe.method.objective != "dpo":
-        return train_step, lambda strategy, batches, device: {"eval_loss": evaluate(strategy, batches, device)}
-    reference, beta = dpo.load_reference(recipe, model_path, device), recipe.method.beta
-    return (
-        lambda strategy, batches, device: dpo.dpo_step(strategy, reference, batches, device, beta=beta),
-        lambda strategy, batches, device: dpo.dpo_evaluate(strategy, reference, batches, device, beta=beta),
-    )
+def agreed(value: float, device: torch.device) -> float:
+    """Rank 0's ``value`` on every rank, so that every rank takes the same best/stop decisions."""
+    tensor = torch.tensor([value], dtype=torch.float64, device=device)
+    dist.broadcast(tensor, src=0)
+    return float(tensor.item())
+
+
+def load_best(checkpoints: CheckpointManager, strategy, step: int) -> int:
+    """Collective: put the best checkpoint's weights into the strategy (`checkpoint.final_from: best`)."""
+    path = checkpoints.root / f"step_{step}"
+    if not path.is_dir():
+        raise RuntimeError(f"the best checkpoint {path} is gone; export another one with `tunefleet export`")
+    modeling.apply_unfreeze(strategy.unwrapped, step - 1)  # trainable as at that step, as a resume does
+    checkpoints.load(path, strategy)
+    return step
 
 
 def batch_fill(micro_batches: list[dict[str, torch.Tensor]]) -> float:

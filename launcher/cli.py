@@ -141,7 +141,8 @@ def init(
 
 @app.command("runs")
 def list_runs(folder: Annotated[Path, typer.Argument(help="A run folder or a folder of runs.")] = Path("runs")) -> None:
-    """List runs with their state (running, finished, failed, preempted), last step, checkpoint, restarts."""
+    """List runs with their state (running, finished, stopped early, failed, preempted), last step, checkpoint,
+    restarts."""
     from tunefleet.launcher.runs import find_runs
 
     found = find_runs(folder) if folder.exists() else []

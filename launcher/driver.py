@@ -178,13 +178,22 @@ def launch(recipe: Recipe, *, source: str, address: str | None = None, resume: s
     if console.finish.get("preflight"):
         (output_dir / "preflight.json").write_text(json.dumps(console.finish["preflight"], indent=2))
     preempted_at = console.finish.get("preempted_at")
-    runs.record_state(output_dir, "preempted" if preempted_at else "finished" if console.finish else "failed")
+    runs.record_state(output_dir, _final_state(console.finish))
     if console.finish.get("preflight_failed"):
         raise PreflightError("preflight failed:\n" + "\n".join(f"  - {p}" for p in console.finish["preflight_failed"]))
     summary = console.summary(output_dir, wall_time_s=time.time() - started)
     tracker.finish(summary)
     (output_dir / "summary.json").write_text(json.dumps(summary, indent=2))
     return LaunchResult(output_dir=str(output_dir), summary=summary, preempted_at=preempted_at)
+
+
+def _final_state(finish: dict) -> str:
+    """The run's state for `tunefleet runs`, from rank 0's last words (none: the workers never finished)."""
+    if not finish:
+        return "failed"
+    if finish.get("preempted_at"):
+        return "preempted"
+    return "stopped early" if finish.get("stopped_early_at") else "finished"
 
 
 def _head_node_affinity():

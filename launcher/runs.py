@@ -12,7 +12,8 @@ from tunefleet.launcher import checkpoint
 from tunefleet.launcher.metrics import METRICS_FILE
 
 RUN_FILE = "run.json"
-STATES = ("running", "finished", "failed", "preempted")
+# "stopped early": finished before train.max_steps by data.eval.early_stopping_patience.
+STATES = ("running", "finished", "stopped early", "failed", "preempted")
 
 
 def record_state(output_dir: str | Path, state: str, **extra) -> None:

@@ -47,6 +47,8 @@ def test_early_stopping_stops_and_exports_the_best_checkpoint(stopped_run, ray_c
     summary = json.loads((out / "summary.json").read_text())
     assert (summary["stopped_early_at"], summary["best_step"], summary["final_from_step"]) == (12, 4, 4)
     assert summary["best_value"] == evals[1]["eval_loss"]
+    listed = tunefleet("runs", str(out))
+    assert listed.returncode == 0 and "stopped early" in listed.stdout and "12/24" in listed.stdout, listed.stdout
     # The best (step 4) survives pruning to keep_last 1; step 8 does not.
     assert sorted(p.name for p in (out / "checkpoints").iterdir()) == ["step_12", "step_4"]
     best = tmp_path / "best"

@@ -22,3 +22,12 @@ def test_states_are_found_below_a_folder(tmp_path):
         (tmp_path / name).mkdir()
         runs.record_state(tmp_path / name, state, name=name, max_steps=5)
     assert {r["name"]: r["state"] for r in runs.find_runs(tmp_path)} == {"a": "finished", "b": "preempted"}
+
+
+def test_the_final_state_says_how_the_workers_ended():
+    from tunefleet.launcher.driver import _final_state
+
+    assert _final_state({}) == "failed"  # rank 0 never sent its last words
+    assert _final_state({"preempted_at": 4}) == "preempted"
+    assert _final_state({"stopped_early_at": 12, "final_dir": "f"}) == "stopped early"
+    assert _final_state({"stopped_early_at": None, "final_dir": "f"}) == "finished"

@@ -13,6 +13,13 @@ great") and contrasts ("X, but Y": the clause after "but" decides) so that a
 bag of words alone does not solve it. It is the data of the MiniLM
 "BERT for sentiment" recipe.
 
+The capitals set asks for the capital of each made-up country of the tiny
+tasks' table (``tiny._CAPITALS``): train rows in four phrasings, eval rows in a
+fifth that no train row uses, so exact match on eval rises only when the model
+has learned the table rather than the strings. Every answer is one to three
+tokens of the tiny tokenizer, so the 4-layer tiny Llama reaches exact match
+within a couple hundred CPU steps.
+
 Regenerate the committed files with
 ``python -m tunefleet.launcher.tiny_data recipes/tiny/data``.
 """
@@ -27,12 +34,19 @@ import sys
 from pathlib import Path
 
 from tunefleet.launcher.formats import ALPACA_PROMPT, ALPACA_PROMPT_WITH_INPUT
-from tunefleet.launcher.tiny import dataset_rows
+from tunefleet.launcher.tiny import _CAPITALS, dataset_rows
 
 TASK_LABELS = ("reverse", "uppercase", "sort", "add", "capital")
 _TASK_BY_FIRST_WORD = {"Reverse": "reverse", "Uppercase": "uppercase", "Sort": "sort", "Add": "add"}
 _SIZES = {"train": (1000, 600), "eval": (100, 100)}  # (preference pairs, classification rows)
 _SENTIMENT_SIZES = {"train": 800, "eval": 200}
+# After a space most countries are one token (" Veloria"), at the start of a line two ("V", "eloria"):
+# the held-out phrasing puts the country after a space, as three of the four train phrasings do.
+_CAPITAL_QUESTIONS = {
+    "train": ("What is the capital of {country}?", "Name the capital city of {country}.",
+              "Which city is the capital of {country}?", "{country} has which capital?"),
+    "eval": ("Tell me the capital of {country}.",),
+}
 _SUBJECTS = ("the hotel", "this phone", "the pasta", "our guide", "the battery", "the concert", "this jacket",
              "the service", "the app", "the museum", "this blender", "the train ride", "the coffee", "the film",
              "the staff", "this keyboard", "the room", "the book", "the delivery", "the lesson")
@@ -95,6 +109,14 @@ def sentiment_csv(num_rows: int, rng: random.Random) -> str:
     return buffer.getvalue()
 
 
+def capital_rows(questions: tuple[str, ...], rng: random.Random) -> list[dict]:
+    """Every (country, phrasing) once, as alpaca rows in a seeded order."""
+    rows = [{"instruction": question.format(country=country), "input": "", "output": capital}
+            for country, capital in _CAPITALS for question in questions]
+    rng.shuffle(rows)
+    return rows
+
+
 def file_contents(seed: int = 0) -> dict[str, str]:
     """Every file's text keyed by its path under the data folder; a pure function of ``seed``."""
     rows = dataset_rows(seed)
@@ -109,6 +131,10 @@ def file_contents(seed: int = 0) -> dict[str, str]:
     sentiment = random.Random(seed + 1)
     for split, num_rows in _SENTIMENT_SIZES.items():
         files[f"sentiment/{split}.csv"] = sentiment_csv(num_rows, sentiment)
+    capitals_rng = random.Random(seed + 2)
+    for split, questions in _CAPITAL_QUESTIONS.items():
+        questions_asked = capital_rows(questions, capitals_rng)
+        files[f"capitals/{split}.jsonl"] = "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in questions_asked)
     return files
 
 

@@ -47,7 +47,7 @@ _PREPOSITIONS = ["near", "under", "beside", "behind", "above", "across"]
 _TIMES = ["morning", "evening", "night", "spring", "autumn"]
 
 # Made-up countries, so every answer must be learned from the data.
-_CAPITALS = (
+CAPITALS = (
     ("Veloria", "Marenth"), ("Quasmir", "Dolvik"), ("Tarnevia", "Osselin"),
     ("Brundal", "Kepport"), ("Islavia", "Norrow"), ("Meridane", "Calsby"),
     ("Zoltrane", "Fenmark"), ("Orvania", "Lustrel"), ("Pellmark", "Thistow"),
@@ -92,7 +92,7 @@ def _add(rng: random.Random) -> Example:
 
 
 def _capital(rng: random.Random) -> Example:
-    country, capital = rng.choice(_CAPITALS)
+    country, capital = rng.choice(CAPITALS)
     return rng.choice(_CAPITAL_QUESTIONS).format(country=country), "", capital
 
 
@@ -144,7 +144,7 @@ def _chat_rows(rng: random.Random, num: int, eval_split: bool) -> list[dict]:
 
 def _sentence(rng: random.Random) -> str:
     adjective, noun, other = rng.choice(_ADJECTIVES), rng.choice(_NOUNS), rng.choice(_NOUNS)
-    country, capital = rng.choice(_CAPITALS)
+    country, capital = rng.choice(CAPITALS)
     templates = (
         f"The {adjective} {noun} {rng.choice(_VERBS)} {rng.choice(_PREPOSITIONS)} the {other}.",
         f"In {country}, people travel to {capital} to see the {adjective} {noun}.",
@@ -258,6 +258,8 @@ _SIZES = {
              num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512),
     "20m": dict(hidden_size=384, intermediate_size=1024, num_hidden_layers=12,
                 num_attention_heads=6, num_key_value_heads=2, max_position_embeddings=2048),
+    "50m": dict(hidden_size=512, intermediate_size=1536, num_hidden_layers=16,
+                num_attention_heads=8, num_key_value_heads=4, max_position_embeddings=2048),
     "100m": dict(hidden_size=768, intermediate_size=2048, num_hidden_layers=16,
                  num_attention_heads=12, num_key_value_heads=4, max_position_embeddings=2048),
 }

@@ -14,7 +14,7 @@ bag of words alone does not solve it. It is the data of the MiniLM
 "BERT for sentiment" recipe.
 
 The capitals set asks for the capital of each made-up country of the tiny
-tasks' table (``tiny._CAPITALS``): train rows in four phrasings, eval rows in a
+tasks' table (``tiny.CAPITALS``): train rows in four phrasings, eval rows in a
 fifth that no train row uses, so exact match on eval rises only when the model
 has learned the table rather than the strings. Every answer is one to three
 tokens of the tiny tokenizer, so the 4-layer tiny Llama reaches exact match
@@ -34,7 +34,7 @@ import sys
 from pathlib import Path
 
 from tunefleet.launcher.formats import ALPACA_PROMPT, ALPACA_PROMPT_WITH_INPUT
-from tunefleet.launcher.tiny import _CAPITALS, dataset_rows
+from tunefleet.launcher.tiny import CAPITALS, dataset_rows
 
 TASK_LABELS = ("reverse", "uppercase", "sort", "add", "capital")
 _TASK_BY_FIRST_WORD = {"Reverse": "reverse", "Uppercase": "uppercase", "Sort": "sort", "Add": "add"}
@@ -112,7 +112,7 @@ def sentiment_csv(num_rows: int, rng: random.Random) -> str:
 def capital_rows(questions: tuple[str, ...], rng: random.Random) -> list[dict]:
     """Every (country, phrasing) once, as alpaca rows in a seeded order."""
     rows = [{"instruction": question.format(country=country), "input": "", "output": capital}
-            for country, capital in _CAPITALS for question in questions]
+            for country, capital in CAPITALS for question in questions]
     rng.shuffle(rows)
     return rows
 

@@ -22,7 +22,7 @@ def _rows(split: str) -> list[dict]:
 
 def test_eval_asks_every_country_in_a_phrasing_no_train_row_uses():
     train, held_out = _rows("train"), _rows("eval")
-    table = dict(tiny._CAPITALS)
+    table = dict(tiny.CAPITALS)
     assert len(train) == 4 * len(table) and len(held_out) == len(table)
     assert {r["output"] for r in train} == {r["output"] for r in held_out} == set(table.values())
     assert not {r["instruction"] for r in train} & {r["instruction"] for r in held_out}

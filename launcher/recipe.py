@@ -322,7 +322,8 @@ class EvalSplit(Section):
     early_stopping_patience: int | None = Field(
         None, ge=1, description="Stop training after this many evaluations in a row without a new best "
         "`metric` (evaluations from step 1 on; the one before training is the baseline, not a candidate). "
-        "The run ends as finished, with a checkpoint at the stopping step; relaunching it trains no further. "
+        "The run ends (`tunefleet runs` says stopped early) with a checkpoint at the stopping step; relaunching "
+        "it trains no further. "
         "Needs `train.eval_every_steps`."
     )
 

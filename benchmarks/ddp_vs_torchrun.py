@@ -33,28 +33,19 @@ import json
 import os
 import platform
 import shutil
-import signal
 import statistics
 import subprocess
 import sys
 import tempfile
-import threading
-import time
-from collections import defaultdict
-from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
 
-import numpy as np
+from harness import BIN, REPO, Run, cell, median, ratio, run_logged
 
-REPO = Path(__file__).resolve().parents[1]
-BIN = Path(sys.executable).parent
 RECIPE = REPO / "recipes" / "tiny" / "llama-full-ddp.yaml"
 FLOOR_SCRIPT = REPO / "benchmarks" / "torchrun_ddp.py"
 NUM_WORKERS = 2
 LOSS_TOLERANCE = 1e-4
-RUN_TIMEOUT_S = 1200
-CLOCK_TICKS = os.sysconf("SC_CLK_TCK")
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -144,154 +135,6 @@ def tunefleet_command(args: argparse.Namespace, recipe_path: Path, output_dir: P
     return [str(BIN / "tunefleet"), "launch", str(recipe_path), *overrides]
 
 
-# --------------------------------------------------------------------------- CPU accounting
-def process_table() -> dict[int, tuple[int, float]]:
-    """pid -> (parent pid, CPU seconds user + system) of every live process (Linux /proc)."""
-    table = {}
-    for name in os.listdir("/proc"):
-        if not name.isdigit():
-            continue
-        try:
-            stat = Path("/proc", name, "stat").read_text()
-        except OSError:
-            continue
-        fields = stat[stat.rfind(")") + 2:].split()  # fields from the 3rd on: state, ppid, ...
-        table[int(name)] = (int(fields[1]), (int(fields[11]) + int(fields[12])) / CLOCK_TICKS)
-    return table
-
-
-def descendants(table: dict[int, tuple[int, float]], root: int) -> set[int]:
-    children = defaultdict(list)
-    for pid, (parent, _) in table.items():
-        children[parent].append(pid)
-    found, todo = set(), [root] if root in table else []  # the root is gone once the run has exited
-    while todo:
-        pid = todo.pop()
-        found.add(pid)
-        todo.extend(children[pid])
-    return found
-
-
-def process_role(pid: int) -> str:
-    """Role of a process: "rank" (a Ray Train worker or a torchrun child) or "other"."""
-    try:
-        cmdline = Path("/proc", str(pid), "cmdline").read_bytes()
-    except OSError:
-        return "other"
-    is_floor_rank = FLOOR_SCRIPT.name.encode() in cmdline and b"bin/torchrun" not in cmdline
-    return "rank" if b"RayTrainWorker" in cmdline or is_floor_rank else "other"
-
-
-class TreeCpu(threading.Thread):
-    """Once a second, the CPU seconds of every process under ``root_pid``, with its role.
-
-    torchrun starts ranks in sessions of their own and Ray reparents nothing, so
-    the process tree (not the session) is what belongs to a run.
-    """
-
-    def __init__(self, root_pid: int, interval_s: float = 1.0):
-        super().__init__(daemon=True)
-        self.root_pid, self.interval_s = root_pid, interval_s
-        self.samples: list[tuple[float, dict[int, tuple[str, float]]]] = []
-        self._done = threading.Event()
-
-    def run(self) -> None:
-        while not self._done.wait(self.interval_s):
-            table = process_table()
-            tree = descendants(table, self.root_pid)
-            self.samples.append((time.time(), {pid: (process_role(pid), table[pid][1]) for pid in tree}))
-
-    def stop(self) -> list[tuple[float, dict[int, tuple[str, float]]]]:
-        self._done.set()
-        self.join()
-        return self.samples
-
-
-def window_cpu(samples: list, start: float, end: float) -> tuple[float, float, dict[str, float]] | None:
-    """(first, last sample time, CPU seconds by role between them) over samples inside [start, end]."""
-    inside = [sample for sample in samples if start <= sample[0] <= end]
-    if len(inside) < 2:
-        return None
-    (first_time, first), (last_time, last) = inside[0], inside[-1]
-    used = {"rank": 0.0, "other": 0.0}
-    for pid, (role, cpu_s) in last.items():
-        used[role] += cpu_s - first.get(pid, (role, 0.0))[1]
-    return first_time, last_time, used
-
-
-# --------------------------------------------------------------------------- runs
-@dataclass
-class Run:
-    kind: str  # "tunefleet" or "torchrun"
-    pair: int
-    started: float  # unix seconds just before the subprocess was spawned
-    wall_s: float  # the whole subprocess
-    steps: list[dict] = field(default_factory=list)  # step, loss, num_input_tokens, step_time_s, time
-    cpu_samples: list = field(default_factory=list, repr=False)  # from TreeCpu
-
-    def tokens_per_s(self, warmup: int) -> float:
-        """Median over steady-state steps of tokens / (end of this step - end of the previous)."""
-        pairs = zip(self.steps[warmup:-1], self.steps[warmup + 1:], strict=True)
-        return statistics.median(b["num_input_tokens"] / (b["time"] - a["time"]) for a, b in pairs)
-
-    def step_tokens_per_s(self, warmup: int) -> float:
-        return statistics.median(s["num_input_tokens"] / s["step_time_s"] for s in self.steps[warmup + 1:])
-
-    @property
-    def first_step_s(self) -> float:
-        return self.steps[0]["time"] - self.started
-
-    def cpu_use(self, warmup: int) -> dict:
-        """Steady-state CPU: tokens per rank CPU-second (blind to how busy the machine is) and cores used."""
-        window = window_cpu(self.cpu_samples, self.steps[warmup]["time"], self.steps[-1]["time"])
-        if window is None:
-            return {"tokens_per_rank_cpu_s": None, "rank_cpu_cores": None, "other_cpu_cores": None}
-        first_time, last_time, used = window
-        times = [s["time"] for s in self.steps]
-        seen = np.cumsum([s["num_input_tokens"] for s in self.steps])
-        tokens = float(np.interp(last_time, times, seen) - np.interp(first_time, times, seen))
-        span_s = last_time - first_time
-        return {"tokens_per_rank_cpu_s": tokens / used["rank"], "rank_cpu_cores": used["rank"] / span_s,
-                "other_cpu_cores": used["other"] / span_s}
-
-    def summary(self, warmup: int) -> dict:
-        return {"kind": self.kind, "pair": self.pair, "tokens_per_s": self.tokens_per_s(warmup),
-                "step_tokens_per_s": self.step_tokens_per_s(warmup), "first_step_s": self.first_step_s,
-                "wall_s": self.wall_s, **self.cpu_use(warmup),
-                "loss_step_1": self.steps[0]["loss"], "loss_last": self.steps[-1]["loss"]}
-
-
-def subprocess_env() -> dict[str, str]:
-    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}  # embedded Ray, never a shared one
-    env.update({"OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false", "HF_HUB_OFFLINE": "1",
-                "WANDB_MODE": "disabled", "PYTHONUNBUFFERED": "1"})
-    return env
-
-
-def run_logged(command: list[str], log_path: Path) -> tuple[float, float, list]:
-    """Run to completion with output in ``log_path``; (unix start, wall seconds, CPU samples).
-
-    On a timeout or Ctrl-C it kills only the process group it started.
-    """
-    started = time.time()
-    with log_path.open("w") as log:
-        proc = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, env=subprocess_env(),
-                                cwd=REPO, start_new_session=True)
-        sampler = TreeCpu(proc.pid)
-        sampler.start()
-        try:
-            code = proc.wait(timeout=RUN_TIMEOUT_S)
-        except BaseException:
-            os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait()
-            raise
-        finally:
-            samples = sampler.stop()
-    if code != 0:
-        sys.exit(f"{Path(command[0]).name} exited {code}; see {log_path}")
-    return started, time.time() - started, samples
-
-
 def run_tunefleet(args: argparse.Namespace, recipe_path: Path, pair: int, work: Path) -> Run:
     output_dir = work / f"tunefleet-{pair}"
     log_path = work / f"tunefleet-{pair}.log"
@@ -345,47 +188,34 @@ METRICS = (  # (key, label, format) in the order of the table
 )
 
 
-def _median(values: list) -> float | None:
-    values = [v for v in values if v is not None]
-    return statistics.median(values) if values else None
-
-
-def _ratio(a: float | None, b: float | None) -> float | None:
-    return a / b if a is not None and b else None
-
-
 def summarize(runs: list[Run], warmup: int) -> dict:
     per_run = [run.summary(warmup) for run in runs]
     kinds = ("tunefleet", "torchrun")
-    medians = {kind: {key: _median([r[key] for r in per_run if r["kind"] == kind]) for key, _, _ in METRICS}
+    medians = {kind: {key: median([r[key] for r in per_run if r["kind"] == kind]) for key, _, _ in METRICS}
                for kind in kinds}
     by_pair = {(r["pair"], r["kind"]): r for r in per_run}
     pairs = sorted({r["pair"] for r in per_run})
-    pair_ratios = {key: [_ratio(by_pair[p, "tunefleet"][key], by_pair[p, "torchrun"][key]) for p in pairs]
+    pair_ratios = {key: [ratio(by_pair[p, "tunefleet"][key], by_pair[p, "torchrun"][key]) for p in pairs]
                    for key in ("tokens_per_s", "tokens_per_rank_cpu_s", "first_step_s")}
     return {
         "medians": medians,
-        "ratio_tunefleet_over_torchrun": {key: _ratio(medians["tunefleet"][key], medians["torchrun"][key])
+        "ratio_tunefleet_over_torchrun": {key: ratio(medians["tunefleet"][key], medians["torchrun"][key])
                                           for key, _, _ in METRICS},
         "pair_ratios": pair_ratios,
         "runs": per_run,
     }
 
 
-def _cell(fmt: str, value: float | None) -> str:
-    return "n/a" if value is None else fmt.format(value)
-
-
 def markdown_table(summary: dict, checks: dict) -> str:
-    med, ratio = summary["medians"], summary["ratio_tunefleet_over_torchrun"]
+    med, ratios = summary["medians"], summary["ratio_tunefleet_over_torchrun"]
     lines = ["| metric (median over runs) | tunefleet | torchrun | tunefleet / torchrun |", "|---|---:|---:|---:|"]
     for key, label, fmt in METRICS:
-        lines.append(f"| {label} | {_cell(fmt, med['tunefleet'][key])} | {_cell(fmt, med['torchrun'][key])} "
-                     f"| {_cell('{:.3f}', ratio[key])} |")
+        lines.append(f"| {label} | {cell(fmt, med['tunefleet'][key])} | {cell(fmt, med['torchrun'][key])} "
+                     f"| {cell('{:.3f}', ratios[key])} |")
     tokens = checks["tokens_per_step"]
     lines.append("")
     for key, values in summary["pair_ratios"].items():
-        lines.append(f"per-pair ratio {key}: " + ", ".join(_cell("{:.3f}", v) for v in values))
+        lines.append(f"per-pair ratio {key}: " + ", ".join(cell("{:.3f}", v) for v in values))
     lines += [f"tokens/step (global, non-pad): identical at every step on both sides = "
               f"{checks['same_tokens_per_step']}; median {checks['tokens_per_step_by_kind']}; "
               f"min/median/max {tokens['min']}/{tokens['median']}/{tokens['max']}",
@@ -428,8 +258,8 @@ def run_pairs(args: argparse.Namespace, recipe_path: Path, work: Path) -> list[R
 def print_run(run: Run, warmup: int) -> None:
     cpu = run.cpu_use(warmup)
     print(f"pair {run.pair} {run.kind:9s} tokens/s {run.tokens_per_s(warmup):6,.0f}  "
-          f"tokens/rank-CPU-s {_cell('{:6,.1f}', cpu['tokens_per_rank_cpu_s'])}  "
-          f"rank cores {_cell('{:.2f}', cpu['rank_cpu_cores'])}  "
+          f"tokens/rank-CPU-s {cell('{:6,.1f}', cpu['tokens_per_rank_cpu_s'])}  "
+          f"rank cores {cell('{:.2f}', cpu['rank_cpu_cores'])}  "
           f"first step {run.first_step_s:5.1f} s  wall {run.wall_s:5.1f} s", flush=True)
 
 

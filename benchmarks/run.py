@@ -7,6 +7,7 @@
 Each benchmark is its own script in this folder (run it directly for its other
 options, `--help`); it writes its JSON under docs/benchmarks/ and prints a
 markdown table. Run one at a time: they time training on the whole machine.
+Afterwards ``report.py`` renders docs/benchmarks.md and its plots from the JSON.
 """
 
 from __future__ import annotations
@@ -23,6 +24,8 @@ REPO = HERE.parent
 
 # name -> (arguments behind the figures in docs/benchmarks.md, what it measures)
 BENCHMARKS: dict[str, tuple[list[str], str]] = {
+    "peers": (["--model", "tiny:llama-50m", "--steps", "12", "--warmup", "2", "--rounds", "3"],
+              "tunefleet ddp/fsdp/ZeRO-3 vs a torchrun loop and TRL SFTTrainer + Accelerate, same packed rows"),
     "ddp_vs_torchrun": (["--model", "tiny:llama-20m", "--steps", "40", "--pairs", "4"],
                         "tunefleet DDP vs a hand-written torchrun loop: tokens/s, tokens per CPU-s, time to 1st step"),
     "strategies": (["--steps", "5", "--rounds", "2"],
@@ -62,6 +65,10 @@ def main(argv: list[str] | None = None) -> int:
               f"results in docs/benchmarks/{name}.json", flush=True)
         if code != 0:
             failed.append(name)
+    # docs/benchmarks.md and its plots, from every JSON result there (also the ones not re-run now).
+    code = subprocess.run([sys.executable, str(HERE / "report.py")], cwd=REPO).returncode
+    if code != 0:
+        failed.append("report")
     if failed:
         print(f"failed: {', '.join(failed)}", file=sys.stderr)
     return 1 if failed else 0

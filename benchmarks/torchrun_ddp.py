@@ -5,7 +5,7 @@ trains the same model folder on the same token rows as ``tunefleet launch``
 would, with the same math, and nothing else: no logging, eval or checkpoints
 inside the loop.
 
-Same data, exactly: the rows are read from the token cache that tunefleet's
+Same data, exactly (plain or packed rows): the rows are read from the token cache that tunefleet's
 driver writes (``tunefleet.launcher.data.prepare``; ``benchmarks/ddp_vs_torchrun.py``
 builds it and passes ``--data-dir``). The global batch of step ``s`` is the same
 seeded per-epoch permutation tunefleet samples from, split rank-strided, each
@@ -46,8 +46,9 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 IGNORE_INDEX = -100
 
 
-def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+def parse_args(argv: list[str] | None = None, description: str = __doc__.splitlines()[0]) -> argparse.Namespace:
+    """The training knobs; ``trl_sft.py`` takes the same command line."""
+    parser = argparse.ArgumentParser(description=description)
     parser.add_argument("--model-dir", required=True, help="Hugging Face model folder (config, weights, tokenizer).")
     parser.add_argument("--data-dir", required=True, help="tunefleet token cache folder (holds train/*.npy).")
     parser.add_argument("--steps", type=int, default=40, help="Optimizer steps.")
@@ -70,11 +71,14 @@ class TokenRows:
     def __init__(self, data_dir: str):
         folder = Path(data_dir) / "train"
         layout = json.loads((folder / "split.json").read_text()) if (folder / "split.json").is_file() else {}
-        if (folder / "position_ids.npy").is_file() or layout.get("rows_per_example", 1) != 1:
-            raise SystemExit(f"{folder}: packed rows or preference pairs; this loop trains plain rows only "
-                             "(data.packing=false and an instruction/chat/text format)")
+        if layout.get("rows_per_example", 1) != 1:
+            raise SystemExit(f"{folder}: preference pairs; this loop trains one row per example "
+                             "(an instruction/chat/text format)")
         self.input_ids = np.load(folder / "input_ids.npy", mmap_mode="r")
         self.labels = np.load(folder / "labels.npy", mmap_mode="r")
+        # Packed rows: positions restart at every document (data.packing=true).
+        packed = (folder / "position_ids.npy").is_file()
+        self.position_ids = np.load(folder / "position_ids.npy", mmap_mode="r") if packed else None
         self.offsets = np.load(folder / "offsets.npy")
         # Per row: non-pad input tokens, and targets (labels from the row's second token on).
         self.num_inputs = np.diff(self.offsets)
@@ -84,9 +88,10 @@ class TokenRows:
     def __len__(self) -> int:
         return len(self.offsets) - 1
 
-    def row(self, index: int) -> tuple[np.ndarray, np.ndarray]:
+    def row(self, index: int) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
         start, end = self.offsets[index], self.offsets[index + 1]
-        return self.input_ids[start:end], self.labels[start:end]
+        positions = None if self.position_ids is None else self.position_ids[start:end]
+        return self.input_ids[start:end], self.labels[start:end], positions
 
 
 def global_batch(num_rows: int, step: int, batch_size: int, seed: int) -> np.ndarray:
@@ -99,16 +104,27 @@ def global_batch(num_rows: int, step: int, batch_size: int, seed: int) -> np.nda
     return np.asarray(out, dtype=np.int64)
 
 
-def collate(rows: list[tuple[np.ndarray, np.ndarray]], pad_id: int) -> dict[str, torch.Tensor]:
-    """Right-pad to the longest row; padded labels are ignored."""
-    width = max(len(ids) for ids, _ in rows)
+def collate(rows: list[tuple[np.ndarray, np.ndarray, np.ndarray | None]], pad_id: int) -> dict[str, torch.Tensor]:
+    """Right-pad to the longest row; padded labels are ignored.
+
+    Packed rows give ``position_ids`` (the pad tail counts from 0, a document of
+    its own) and no ``attention_mask``: transformers then builds the per-document
+    causal mask from the restarting positions.
+    """
+    width = max(len(ids) for ids, _, _ in rows)
     input_ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
     labels = torch.full((len(rows), width), IGNORE_INDEX, dtype=torch.long)
     attention_mask = torch.zeros((len(rows), width), dtype=torch.long)
-    for i, (ids, labs) in enumerate(rows):
+    position_ids = torch.arange(width).repeat(len(rows), 1)
+    for i, (ids, labs, positions) in enumerate(rows):
         input_ids[i, :len(ids)] = torch.from_numpy(ids.astype(np.int64))
         labels[i, :len(labs)] = torch.from_numpy(labs.astype(np.int64))
         attention_mask[i, :len(ids)] = 1
+        if positions is not None:
+            position_ids[i, :len(ids)] = torch.from_numpy(positions.astype(np.int64))
+            position_ids[i, len(ids):] = torch.arange(width - len(ids))
+    if rows[0][2] is not None:
+        return {"input_ids": input_ids, "position_ids": position_ids, "labels": labels}
     return {"input_ids": input_ids, "attention_mask": attention_mask, "labels": labels}
 
 
@@ -134,7 +150,8 @@ def build(args: argparse.Namespace) -> tuple[DistributedDataParallel, torch.opti
 
 
 def loss_sum(model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
-    logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], use_cache=False).logits
+    inputs = {k: v for k, v in batch.items() if k != "labels"}
+    logits = model(**inputs, use_cache=False).logits
     return F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), batch["labels"][:, 1:].flatten(),
                            ignore_index=IGNORE_INDEX, reduction="sum")
 
@@ -166,7 +183,26 @@ def train(args: argparse.Namespace) -> list[dict]:
                      "iter_time_s": ended - iter_started, "num_input_tokens": int(data.num_inputs[indices].sum()),
                      "num_targets": global_targets})
         local_losses.append(loss.item())
-    return with_global_losses(rows, local_losses)
+    rows = with_global_losses(rows, local_losses)
+    rows[-1].update(memory_per_rank(model.module, optimizer))
+    return rows
+
+
+def memory_per_rank(module: torch.nn.Module, optimizer: torch.optim.Optimizer) -> dict[str, list[int]]:
+    """Peak RSS and held bytes (parameters, gradients, optimizer state) of every rank, after the loop.
+
+    Counted by tunefleet's own accounting, outside the timed loop, so every
+    system in ``benchmarks/peers.py`` reports the same quantity.
+    """
+    from types import SimpleNamespace
+
+    from tunefleet.launcher.throughput import held_bytes, memory_stats
+
+    mine = [memory_stats(torch.device("cpu"))["peak_rss_bytes"],
+            sum(held_bytes(SimpleNamespace(model=module, optimizer=optimizer)).values())]
+    every = [None] * dist.get_world_size()
+    dist.all_gather_object(every, mine)
+    return {"peak_rss_bytes_per_rank": [m[0] for m in every], "held_bytes_per_rank": [m[1] for m in every]}
 
 
 def with_global_losses(rows: list[dict], local_losses: list[float]) -> list[dict]:

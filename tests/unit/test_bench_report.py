@@ -109,7 +109,6 @@ def test_page_has_every_row_the_targets_and_relative_image_links(bench, result, 
 
 
 def test_plots_are_written_as_png(bench, result, tmp_path):
-    pytest.importorskip("matplotlib")
     written = bench["report"].plot(result, tmp_path / "benchmarks")
     assert written == {"tokens_per_s": "benchmarks/peers_tokens_per_s.png",
                        "tokens_per_rank_cpu_s": "benchmarks/peers_tokens_per_cpu_s.png",

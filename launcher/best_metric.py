@@ -61,7 +61,3 @@ class BestMetric:
         if saved and (saved.get("metric"), saved.get("direction")) == (self.metric, self.direction):
             self.value, self.step = saved["value"], saved["step"]
             self.evals_without_improvement = saved["evals_without_improvement"]
-
-    def describe(self) -> str:
-        return f"best {self.metric} {self.value:.4f} at step {self.step}" if self.step is not None else \
-            f"no best {self.metric} yet"

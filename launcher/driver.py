@@ -23,11 +23,10 @@ from tunefleet.launcher.metrics import WandbRun
 from tunefleet.launcher.plan import make_plan, rebalance
 from tunefleet.launcher.planner import plan_report
 from tunefleet.launcher.preflight import package_versions
-from tunefleet.launcher.recipe import Recipe
+from tunefleet.launcher.recipe import RESOLVED_RECIPE, Recipe
 from tunefleet.launcher.train import Job
 from tunefleet.strategies.base import StrategyPlan
 
-RESOLVED_RECIPE = "recipe.resolved.yaml"
 _FORWARDED_ENV = ("TUNEFLEET_", "WANDB_", "HF_", "TRANSFORMERS_", "TORCH_EXTENSIONS_DIR", "RAY_TRAIN_", "DS_")
 
 

@@ -26,11 +26,16 @@ import torch.distributed as dist
 
 from tunefleet.launcher import data, dpo, generation, modeling, reward
 from tunefleet.launcher.errors import TrainingFailed, UserError
-from tunefleet.launcher.recipe import Recipe, apply_overrides, eval_metrics, load_recipe, recipe_from_dict
+from tunefleet.launcher.recipe import (
+    RESOLVED_RECIPE,
+    Recipe,
+    apply_overrides,
+    eval_metrics,
+    load_recipe,
+    recipe_from_dict,
+)
 from tunefleet.launcher.steps import evaluate, evaluate_classifier, train_step
 from tunefleet.strategies.base import Strategy, StrategyPlan
-
-_RESOLVED_RECIPE = "recipe.resolved.yaml"  # driver.RESOLVED_RECIPE; the driver module pulls in Ray
 
 
 # ----------------------------------------------------------------------------- one evaluation, on every rank
@@ -122,12 +127,12 @@ def load_trained(recipe: Recipe, job: EvalJob, init_context) -> torch.nn.Module:
 
 def run_on_worker(job: EvalJob) -> dict[str, float]:
     """Collective: build the recipe's strategy around the exported model and evaluate it once."""
-    from tunefleet.launcher.train import seed_everything
+    from tunefleet.launcher.train import seed_everything, worker_device
     from tunefleet.strategies import base as strategies
 
     recipe, plan = job.recipe, job.strategy_plan
     rank, world_size = dist.get_rank(), dist.get_world_size()
-    device = torch.device("cuda", torch.cuda.current_device()) if plan.use_gpu else torch.device("cpu")
+    device = worker_device(plan)
     seed_everything(recipe.train.seed)
     strategy = strategies.create(plan)
     tokenizer = modeling.load_tokenizer(job.model_path)
@@ -168,7 +173,7 @@ def resolve_target(path: Path, recipe_file: Path | None) -> Target:
     recorded recipe of the run folder it sits in)."""
     if not path.exists():
         raise UserError(f"{path} not found; pass a run's output_dir or an exported model or adapter folder")
-    if (path / _RESOLVED_RECIPE).is_file():
+    if (path / RESOLVED_RECIPE).is_file():
         model_dir = path / "final"
         if not _is_model_dir(model_dir):
             raise UserError(f"{path} has no exported model in final/ (checkpoint.export_final was off or the run "
@@ -181,8 +186,8 @@ def resolve_target(path: Path, recipe_file: Path | None) -> Target:
                         "(config.json or adapter_config.json)")
     if recipe_file is not None:
         recipe_source = recipe_file
-    elif (run_dir / _RESOLVED_RECIPE).is_file():
-        recipe_source = run_dir / _RESOLVED_RECIPE
+    elif (run_dir / RESOLVED_RECIPE).is_file():
+        recipe_source = run_dir / RESOLVED_RECIPE
     else:
         raise UserError(f"{path}: no recorded recipe next to it; pass --recipe, the recipe it was trained with")
     return Target(model_dir=model_dir, recipe=load_recipe(recipe_source), source=str(recipe_source))

@@ -43,12 +43,10 @@ import yaml
 
 from tunefleet.launcher import checkpoint, modeling
 from tunefleet.launcher.errors import UserError
-from tunefleet.launcher.recipe import Recipe
+from tunefleet.launcher.recipe import RESOLVED_RECIPE, Recipe
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 DEFAULT_MAX_SHARD_SIZE = "5GB"
-# Written by the driver (driver.RESOLVED_RECIPE); not imported from there, which pulls in Ray.
-_RESOLVED_RECIPE = "recipe.resolved.yaml"
 _ADAPTER_NAME = "default"  # the name PEFT gives the one adapter training attaches
 _PEFT_PREFIX = "base_model.model."
 _PROMPT_TABLE = f"prompt_encoder.{_ADAPTER_NAME}.embedding.weight"  # prefix/prompt tuning's virtual tokens
@@ -318,7 +316,7 @@ def _maxrss_bytes() -> int:
 
 
 def read_run_recipe(run_dir: Path) -> Recipe:
-    path = run_dir / _RESOLVED_RECIPE
+    path = run_dir / RESOLVED_RECIPE
     if not path.is_file():
         raise UserError(f"{path} not found; pass the output_dir of a run started with `tunefleet launch`")
     return Recipe.model_validate(yaml.safe_load(path.read_text()))

@@ -225,6 +225,9 @@ FORMAT_FIELDS: dict[str, tuple[str, ...]] = {
     "classification": ("text", "label"),
     "preference": ("prompt", "chosen", "rejected", "role", "content"),
 }
+# The recipe as a run used it (defaults filled in, paths absolute): written into every run folder by the
+# driver, read back by `tunefleet export` and `tunefleet eval`.
+RESOLVED_RECIPE = "recipe.resolved.yaml"
 CHAT_ROLES = ("system", "user", "assistant")
 _HUB_ONLY = ("name", "split", "revision")
 
@@ -331,7 +334,7 @@ class EvalSplit(Section):
     def _one_of(self) -> EvalSplit:
         if self.path is not None and self.fraction is not None:
             raise ValueError("set only one of data.eval.path and data.eval.fraction")
-        if self.path is None and self.fraction is None:
+        if not self.has_rows:
             used = [key for key in ("generate", "reference_data", "early_stopping_patience")
                     if getattr(self, key) is not None]
             if used:

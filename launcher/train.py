@@ -42,6 +42,11 @@ class Job:
     fault: dict = field(default_factory=dict)  # test-only fault injection, see faults.py
 
 
+def worker_device(plan: StrategyPlan) -> torch.device:
+    """The device this rank trains (and evaluates) on: its GPU, or the CPU."""
+    return torch.device("cuda", torch.cuda.current_device()) if plan.use_gpu else torch.device("cpu")
+
+
 def seed_everything(seed: int) -> None:
     random.seed(seed)
     np.random.seed(seed)
@@ -52,7 +57,7 @@ def run(job: Job, reporter: Reporter, control=None, node: str | None = None) -> 
     recipe = job.recipe
     rank, world_size = dist.get_rank(), dist.get_world_size()
     plan = rebalance(job.strategy_plan, world_size=world_size)
-    device = torch.device("cuda", torch.cuda.current_device()) if plan.use_gpu else torch.device("cpu")
+    device = worker_device(plan)
     seed_everything(recipe.train.seed)
 
     # Preflight: fail in seconds, naming the node, before anything heavy happens.

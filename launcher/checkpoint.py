@@ -23,6 +23,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
+from tunefleet.launcher import collectives
 from tunefleet.strategies.base import AsyncSave, Strategy
 
 COMPLETE = "COMPLETE"
@@ -30,8 +31,7 @@ _STEP_DIR = re.compile(r"^step_(\d+)$")
 
 
 def _barrier() -> None:
-    if dist.is_initialized():
-        dist.barrier()
+    collectives.barrier()
 
 
 def _rank() -> int:

@@ -16,6 +16,8 @@ import ray
 import torch
 import torch.distributed as dist
 
+from tunefleet.launcher import collectives
+
 EXIT_PREEMPTED = 75  # EX_TEMPFAIL: "try again later"; the next launch resumes
 EXIT_INTERRUPTED = 130  # a second Ctrl-C: 128 + SIGINT, as shells report it
 
@@ -55,9 +57,7 @@ class StopPoller:
         """True on every rank once rank 0 has seen a stop request."""
         self._poll()
         flag = torch.tensor([1 if self.reason else 0], dtype=torch.int32)
-        if dist.is_initialized():
-            dist.all_reduce(flag, op=dist.ReduceOp.MAX)
-        return bool(flag.item())
+        return bool(collectives.all_reduce(flag, op=dist.ReduceOp.MAX).item())
 
 
 def forward_signals_to(control, on_signal=None) -> None:

@@ -15,6 +15,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from tunefleet.launcher import checkpoint, data, modeling, preprocess, runs, sources
+from tunefleet.launcher.collectives import process_group_backend
 from tunefleet.launcher.console import LaunchConsole
 from tunefleet.launcher.control import EXIT_PREEMPTED, Control, forward_signals_to
 from tunefleet.launcher.errors import PreflightError, Problem, RecipeError, TrainingFailed, UserError
@@ -118,7 +119,7 @@ def _trainer(job: Job, queue, control, *, loop=None, name: str | None = None, st
     return TorchTrainer(
         loop or train_loop_per_worker,
         train_loop_config={"job": job, "queue": queue, "control": control},
-        torch_config=TorchConfig(backend="nccl" if par.use_gpu else "gloo", timeout_s=par.collective_timeout_s),
+        torch_config=TorchConfig(backend=process_group_backend(par.use_gpu), timeout_s=par.collective_timeout_s),
         scaling_config=ScalingConfig(
             num_workers=(par.min_workers, par.world_size) if par.min_workers else par.world_size,
             use_gpu=par.use_gpu, resources_per_worker={"CPU": par.cpus_per_worker},

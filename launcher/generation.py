@@ -21,6 +21,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
+from tunefleet.launcher import collectives
 from tunefleet.launcher.data import IGNORE_INDEX, TokenizedSplit
 from tunefleet.strategies.base import Strategy
 
@@ -113,7 +114,5 @@ def evaluate_generation(strategy: Strategy, prompts: list[Prompt], tokenizer, *,
     counted = [(g, p.reference) for g, p in zip(generated, prompts, strict=True) if p.counted]
     exact, contains = match_counts([g for g, _ in counted], [r for _, r in counted])
     totals = torch.tensor([exact, contains, len(counted)], dtype=torch.float64, device=device)
-    if dist.is_initialized():
-        dist.all_reduce(totals)
-    exact, contains, num = totals.tolist()
+    exact, contains, num = collectives.all_reduce(totals).tolist()
     return {"eval_exact_match": exact / max(num, 1.0), "eval_contains_match": contains / max(num, 1.0)}

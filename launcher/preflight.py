@@ -21,6 +21,8 @@ import psutil
 import torch
 import torch.distributed as dist
 
+from tunefleet.launcher import collectives
+
 PACKAGES = ("tunefleet", "torch", "deepspeed", "transformers", "peft", "ray")
 PROBE_BYTES = 8 << 20
 
@@ -51,9 +53,9 @@ def _check_storage(folder: Path, token: str, rank: int, world_size: int) -> list
         (probe_dir / f"rank_{rank}").write_text(socket.gethostname())
     except OSError as exc:
         return [f"cannot write to {folder} ({exc.strerror}); give every node read/write access"]
-    dist.barrier()
+    collectives.barrier()
     missing = [r for r in range(world_size) if not (probe_dir / f"rank_{r}").is_file()]
-    dist.barrier()
+    collectives.barrier()
     if rank == 0:
         for child in probe_dir.iterdir():
             child.unlink()
@@ -67,24 +69,29 @@ def _check_storage(folder: Path, token: str, rank: int, world_size: int) -> list
 def _all_reduce_bandwidth(device: torch.device) -> float:
     """Bus bandwidth in GB/s of an all-reduce of PROBE_BYTES (ring algorithm factor 2(n-1)/n)."""
     tensor = torch.ones(PROBE_BYTES // 4, dtype=torch.float32, device=device)
-    dist.all_reduce(tensor)  # warm-up, also proves the collective completes
+    collectives.all_reduce(tensor)  # warm-up, also proves the collective completes
+    _synchronize(device)
     started = time.perf_counter()
-    dist.all_reduce(tensor)
+    collectives.all_reduce(tensor)
+    _synchronize(device)
     elapsed = time.perf_counter() - started
     world = dist.get_world_size()
     return PROBE_BYTES * 2 * (world - 1) / world / elapsed / 1e9 if world > 1 else float("inf")
+
+
+def _synchronize(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)  # NCCL returns before the transfer is done
 
 
 def run_preflight(*, driver_versions: dict[str, str], checkpoint_dir: str, host_bytes_needed: int,
                   device: torch.device, node: str | None = None) -> tuple[list[str], dict]:
     """Collective. Returns (problems naming nodes, report) identical on every rank."""
     rank, world = dist.get_rank(), dist.get_world_size()
-    token = uuid.uuid4().hex[:8] if rank == 0 else None
-    shared = [token]
-    dist.broadcast_object_list(shared, src=0)
+    token = collectives.broadcast_object(uuid.uuid4().hex[:8] if rank == 0 else None)
     node = node or socket.gethostname()
     mine = RankReport(rank, node, package_versions(), psutil.virtual_memory().available)
-    mine.problems += _check_storage(Path(checkpoint_dir), shared[0], rank, world)
+    mine.problems += _check_storage(Path(checkpoint_dir), token, rank, world)
     for name, version in mine.versions.items():
         if version != driver_versions.get(name):
             mine.problems.append(f"{name} {version} differs from the driver's {driver_versions.get(name)}; "
@@ -93,8 +100,7 @@ def run_preflight(*, driver_versions: dict[str, str], checkpoint_dir: str, host_
         mine.problems.append(f"{mine.host_free_bytes / 2**30:.1f} GiB host memory free, the plan needs "
                              f"{host_bytes_needed / 2**30:.1f} GiB; see `tunefleet plan` or add nodes")
     bandwidth = _all_reduce_bandwidth(device)
-    reports: list[RankReport | None] = [None] * world
-    dist.all_gather_object(reports, mine)
+    reports: list[RankReport] = collectives.all_gather_objects(mine)
     problems = [f"node {r.node} (rank {r.rank}): {p}" for r in reports for p in r.problems]
     report = {
         "all_reduce_gbps": round(bandwidth, 3),

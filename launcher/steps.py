@@ -16,6 +16,7 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 
+from tunefleet.launcher import collectives
 from tunefleet.launcher.data import model_inputs
 from tunefleet.strategies.base import Strategy
 
@@ -56,9 +57,7 @@ def _count_targets(batch: dict[str, torch.Tensor]) -> int:
 
 def all_reduce_sum(values: torch.Tensor) -> torch.Tensor:
     """Sum ``values`` over ranks in place (a no-op without a process group); returns it."""
-    if dist.is_initialized():
-        dist.all_reduce(values)
-    return values
+    return collectives.all_reduce(values)
 
 
 def _all_reduce_sum(values: list[float], device: torch.device) -> list[float]:

@@ -12,7 +12,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-from tunefleet.launcher import data, modeling, throughput
+from tunefleet.launcher import collectives, data, modeling, throughput
 from tunefleet.launcher.best_metric import META_KEY as BEST_KEY
 from tunefleet.launcher.best_metric import BestMetric
 from tunefleet.launcher.checkpoint import CheckpointManager, latest, read_meta
@@ -206,7 +206,7 @@ def run(job: Job, reporter: Reporter, control=None, node: str | None = None) -> 
         state = strategy.full_state_dict()
         if rank == 0:
             modeling.save_final(strategy.unwrapped, state, tokenizer, final_dir)
-        dist.barrier()
+        collectives.barrier()
     strategy.teardown()
     return {"final_dir": str(final_dir) if recipe.checkpoint.export_final else None, "preflight": preflight,
             "final_step": exported_step if recipe.checkpoint.export_final else None,
@@ -215,9 +215,7 @@ def run(job: Job, reporter: Reporter, control=None, node: str | None = None) -> 
 
 def agreed(value: float, device: torch.device) -> float:
     """Rank 0's ``value`` on every rank, so that every rank takes the same best/stop decisions."""
-    tensor = torch.tensor([value], dtype=torch.float64, device=device)
-    dist.broadcast(tensor, src=0)
-    return float(tensor.item())
+    return float(collectives.broadcast(torch.tensor([value], dtype=torch.float64, device=device)).item())
 
 
 def load_best(checkpoints: CheckpointManager, strategy, step: int) -> int:
@@ -240,9 +238,7 @@ def memory_per_rank(strategy, device: torch.device) -> dict[str, list[int]]:
     """Collective: held tensor bytes (params, grads, optimizer state) and RSS of every rank."""
     stats = {"held_bytes": sum(throughput.held_bytes(strategy).values()),
              **throughput.memory_stats(device)}
-    mine = torch.tensor(list(stats.values()), dtype=torch.int64)
-    gathered = [torch.empty_like(mine) for _ in range(dist.get_world_size())]
-    dist.all_gather(gathered, mine)
+    gathered = collectives.all_gather(torch.tensor(list(stats.values()), dtype=torch.int64))
     return {f"{name}_per_rank": [int(g[i]) for g in gathered] for i, name in enumerate(stats)}
 
 
@@ -253,7 +249,7 @@ def count_attempt(output_dir: str, launch_id: str, rank: int) -> int:
         attempts.parent.mkdir(parents=True, exist_ok=True)
         with attempts.open("a") as handle:
             handle.write(launch_id + "\n")
-    dist.barrier()
+    collectives.barrier()
     return attempts.read_text().split().count(launch_id) if attempts.is_file() else 1
 
 

@@ -20,8 +20,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from tunefleet.launcher import reward
-from tunefleet.launcher.data import IGNORE_INDEX, model_inputs
+from tunefleet.launcher import attention, reward
+from tunefleet.launcher.data import IGNORE_INDEX
 from tunefleet.launcher.recipe import Recipe
 from tunefleet.launcher.reward import PairStepResult
 from tunefleet.strategies.base import Strategy
@@ -38,7 +38,7 @@ def load_reference(recipe: Recipe, model_path: str, device: torch.device) -> tor
 
 def sequence_logps(model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
     """Per row: the sum of the log-probabilities of its target tokens."""
-    logits = model(**model_inputs(batch), use_cache=False).logits[:, :-1].float()
+    logits = attention.forward(model, batch).logits[:, :-1].float()
     token_losses = F.cross_entropy(logits.transpose(1, 2), batch["labels"][:, 1:], ignore_index=IGNORE_INDEX,
                                    reduction="none")
     return -token_losses.sum(-1)

@@ -11,6 +11,7 @@ from pathlib import Path
 
 import torch
 
+from tunefleet.launcher import attention
 from tunefleet.launcher import param_groups as _param_groups
 from tunefleet.launcher.param_groups import apply_unfreeze as apply_unfreeze  # the loop calls it
 from tunefleet.launcher.param_groups import freeze
@@ -58,7 +59,8 @@ def load_model(
     )
     kwargs: dict = {
         "dtype": _DTYPES[cfg.dtype],
-        "attn_implementation": cfg.attn_implementation,
+        # sdpa: transformers' SDPA, with packed rows on the fused variable-length kernel (attention.py)
+        "attn_implementation": attention.register() if cfg.attn_implementation == "sdpa" else cfg.attn_implementation,
         "trust_remote_code": cfg.trust_remote_code,
     }
     if cfg.num_labels is not None:

@@ -23,7 +23,8 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 
-from tunefleet.launcher.data import IGNORE_INDEX, model_inputs
+from tunefleet.launcher import attention
+from tunefleet.launcher.data import IGNORE_INDEX
 from tunefleet.launcher.steps import StepResult, all_reduce_sum
 from tunefleet.strategies.base import Strategy
 
@@ -88,7 +89,7 @@ def pair_metrics(result: PairStepResult) -> dict[str, float]:
 
 def scores(model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
     """Per row: the one-output head's score (of the last non-pad token), in float32."""
-    return model(**model_inputs(batch), use_cache=False).logits[:, 0].float()
+    return attention.forward(model, batch).logits[:, 0].float()
 
 
 # Per row of a pair batch (chosen rows first): its reward under the model given; differentiable.

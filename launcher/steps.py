@@ -16,8 +16,7 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 
-from tunefleet.launcher import collectives
-from tunefleet.launcher.data import model_inputs
+from tunefleet.launcher import attention, collectives
 from tunefleet.strategies.base import Strategy
 
 IGNORE_INDEX = -100
@@ -38,7 +37,7 @@ class StepResult:
 def token_loss_sum(model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
     """Sum of next-token cross-entropy over positions whose label is not ignored
     (classification batches, one label per row: the sum over rows)."""
-    logits = model(**model_inputs(batch), use_cache=False).logits
+    logits = attention.forward(model, batch).logits
     if batch["labels"].ndim == 1:
         return F.cross_entropy(logits.float(), batch["labels"], ignore_index=IGNORE_INDEX, reduction="sum")
     labels = batch["labels"][:, 1:]
@@ -121,7 +120,7 @@ def evaluate_classifier(strategy: Strategy, batches: list[dict[str, torch.Tensor
     counts = torch.zeros(3, num_labels, dtype=torch.float64, device=device)
     for batch in batches:
         batch = {k: v.to(device) for k, v in batch.items()}
-        logits = model(**model_inputs(batch), use_cache=False).logits.float()
+        logits = attention.forward(model, batch).logits.float()
         labels = batch["labels"]
         loss_sum += F.cross_entropy(logits, labels, ignore_index=IGNORE_INDEX, reduction="sum").double()
         real = labels != IGNORE_INDEX

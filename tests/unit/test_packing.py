@@ -9,7 +9,7 @@ import torch.nn.functional as F
 import transformers
 
 from tests.conftest import REPO
-from tunefleet.launcher import data, packing
+from tunefleet.launcher import attention, data, packing
 from tunefleet.launcher.data import IGNORE_INDEX
 from tunefleet.launcher.preprocess import encode_source
 from tunefleet.launcher.recipe import DataConfig, DataSource
@@ -48,19 +48,25 @@ def test_packed_rows_hold_every_token_once_with_restarting_positions(documents):
     assert packing.packing_efficiency(packed, 128) > packing.packing_efficiency(documents, 128)
 
 
-def token_losses(model, batch) -> torch.Tensor:
-    logits = model(**data.model_inputs(batch), use_cache=False).logits[:, :-1]
+def token_losses(model, batch, boundaries: bool) -> torch.Tensor:
+    logits = attention.forward(model, batch, boundaries=boundaries).logits[:, :-1]
     return F.cross_entropy(logits.transpose(1, 2), batch["labels"][:, 1:], ignore_index=IGNORE_INDEX,
                            reduction="none")
 
 
-@pytest.mark.parametrize("attn", ["sdpa", "eager"])
-def test_every_document_has_the_same_token_losses_packed_and_unpacked(model_dir, documents, attn):
+@pytest.mark.parametrize(("attn", "boundaries"), [
+    ("sdpa", False),  # transformers' block-diagonal mask
+    ("eager", False),
+    (attention.NAME, False),  # tunefleet's implementation, given no boundaries: the same mask
+    (attention.NAME, True),  # document boundaries, no mask: SDPA per document here, the flash kernel on CUDA
+])
+def test_every_document_has_the_same_token_losses_packed_and_unpacked(model_dir, documents, attn, boundaries):
+    attention.register()
     model = transformers.AutoModelForCausalLM.from_pretrained(model_dir, attn_implementation=attn).eval()
     packed = packing.pack(documents, max_seq_len=128)
     with torch.no_grad():
-        unpacked_losses = token_losses(model, data.collate(documents, range(len(documents)), pad_id=0))
-        packed_losses = token_losses(model, data.collate(packed, range(len(packed)), pad_id=0))
+        unpacked_losses = token_losses(model, data.collate(documents, range(len(documents)), pad_id=0), boundaries)
+        packed_losses = token_losses(model, data.collate(packed, range(len(packed)), pad_id=0), boundaries)
     offsets = np.asarray(documents.offsets)
     expected = {tuple(np.asarray(documents.input_ids[offsets[d]:offsets[d + 1]]).tolist()):
                 unpacked_losses[d, : offsets[d + 1] - offsets[d] - 1] for d in range(len(documents))}

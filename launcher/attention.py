@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import contextlib
 import contextvars
-import functools
 import inspect
 
 import torch
@@ -67,38 +66,41 @@ def packed_attention(module: torch.nn.Module, query: torch.Tensor, key: torch.Te
     flat = [t.transpose(1, 2).reshape(batch * seq, t.shape[1], dim) for t in (query, key, value)]
     scale = scaling if scaling is not None else dim**-0.5
     max_length = max_length_q or seq
-    if query.is_cuda and _flash_varlen() is not None:
+    if query.is_cuda and _VARLEN is not None:
         out = _flash(*flat, cu_seq_lens_q, max_length, scale)
     else:
         out = documents_attention(*flat, cu_seq_lens_q, scale)
     return out.view(batch, seq, num_heads, dim), None
 
 
-@functools.cache
-def _flash_varlen():
-    """PyTorch's variable-length flash attention (``torch.nn.attention.varlen.varlen_attn``), if present."""
+def _load_varlen():
+    """PyTorch's variable-length flash attention and its calling convention: "window" (torch >= 2.12:
+    causal is the window (-1, 0), GQA native, any scale) or "is_causal" (2.9-2.11); (None, None) if absent.
+    Settled at import, so that compiled layers see constants."""
     try:
         from torch.nn.attention.varlen import varlen_attn
     except ImportError:
-        return None
-    return varlen_attn
+        return None, None
+    params = inspect.signature(varlen_attn).parameters
+    return varlen_attn, ("window" if "window_size" in params else "is_causal_scale" if "scale" in params
+                         else "is_causal")
+
+
+_VARLEN, _VARLEN_CALL = _load_varlen()
 
 
 def _flash(query, key, value, cu_seq_lens: torch.Tensor, max_length: int, scale: float) -> torch.Tensor:
-    varlen_attn = _flash_varlen()
-    params = inspect.signature(varlen_attn).parameters
     cu = cu_seq_lens.to(torch.int32)
-    if "window_size" in params:  # torch >= 2.12: causal is the window (-1, 0); GQA native
-        return varlen_attn(query, key, value, cu, cu, max_length, max_length, scale=scale, window_size=(-1, 0),
-                           enable_gqa=key.shape[1] != query.shape[1])
-    # torch 2.9-2.11: `is_causal`, equal head counts, the default scale only
-    if key.shape[1] != query.shape[1]:
+    if _VARLEN_CALL == "window":
+        return _VARLEN(query, key, value, cu, cu, max_length, max_length, scale=scale, window_size=(-1, 0),
+                       enable_gqa=key.shape[1] != query.shape[1])
+    if _VARLEN_CALL == "is_causal" and abs(scale - query.shape[-1] ** -0.5) > 1e-12:
+        return documents_attention(query, key, value, cu_seq_lens, scale)  # no scale argument before 2.12
+    if key.shape[1] != query.shape[1]:  # no GQA before 2.12: one key/value head per query head
         repeats = query.shape[1] // key.shape[1]
         key, value = key.repeat_interleave(repeats, dim=1), value.repeat_interleave(repeats, dim=1)
-    extra = {"scale": scale} if "scale" in params else {}
-    if not extra and abs(scale - query.shape[-1] ** -0.5) > 1e-12:
-        return documents_attention(query, key, value, cu_seq_lens, scale)
-    return varlen_attn(query, key, value, cu, cu, max_length, max_length, is_causal=True, **extra)
+    extra = {"scale": scale} if _VARLEN_CALL == "is_causal_scale" else {}
+    return _VARLEN(query, key, value, cu, cu, max_length, max_length, is_causal=True, **extra)
 
 
 def documents_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, cu_seq_lens: torch.Tensor,
@@ -125,7 +127,7 @@ def document_starts(position_ids: torch.Tensor) -> torch.Tensor:
 def packed_kernel(device: torch.device) -> bool:
     """Whether packed batches on ``device`` pass document boundaries (the fused kernel) rather than have
     transformers build the block-diagonal mask: on CUDA when PyTorch has the variable-length kernel."""
-    return device.type == "cuda" and _flash_varlen() is not None
+    return device.type == "cuda" and _VARLEN is not None
 
 
 def forward(model: torch.nn.Module, batch: dict[str, torch.Tensor], *, boundaries: bool | None = None, **kwargs):

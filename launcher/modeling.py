@@ -133,9 +133,11 @@ def param_groups(model: torch.nn.Module, train: TrainConfig) -> list[dict]:
 
 def make_optimizer_factory(train: TrainConfig):
     def make(groups: list[dict]) -> torch.optim.Optimizer:
-        return torch.optim.AdamW(
-            groups, lr=train.lr, betas=train.adam_betas, eps=train.adam_eps, foreach=True
-        )
+        impl = train.optimizer_impl
+        if impl == "auto":
+            on_gpu = any(p.is_cuda for group in groups for p in group["params"])
+            impl = "fused" if on_gpu else "foreach"
+        return torch.optim.AdamW(groups, lr=train.lr, betas=train.adam_betas, eps=train.adam_eps, **{impl: True})
 
     return make
 

@@ -40,6 +40,7 @@ def strategy_plan(recipe: Recipe, strategy: str) -> StrategyPlan:
         grad_accum_steps=train.grad_accum_steps,
         mixed_precision=par.mixed_precision,
         activation_checkpointing=par.activation_checkpointing,
+        compile=par.compile,
         cpu_offload=par.cpu_offload,
         max_grad_norm=train.max_grad_norm,
     )
@@ -71,6 +72,10 @@ def make_plan(recipe: Recipe, source: str = "recipe", *, on_this_machine: bool =
     if recipe.checkpoint.async_save and name.startswith("deepspeed"):
         problems.append(Problem("checkpoint.async", f"{name} writes DeepSpeed's own checkpoints, which have no "
                                 "background mode; set checkpoint.async: false, or use strategy ddp or fsdp"))
+    if par.compile and name.startswith("deepspeed"):
+        problems.append(Problem("parallelism.compile", f"{name} runs the model inside DeepSpeed's engine, which "
+                                "tunefleet does not compile; set parallelism.compile: false, or use strategy ddp or "
+                                "fsdp"))
     if recipe.method.objective == "dpo" and recipe.method.kind == "full" and name == "deepspeed_zero3":
         # Full-fine-tuning DPO keeps a frozen reference copy outside the engine; while ZeRO-3's config is
         # alive, transformers builds every model partitioned, which a module outside the engine cannot run.

@@ -30,7 +30,7 @@ from tunefleet.launcher.modeling import check_model_path
 from tunefleet.launcher.recipe import ADAPTER_KINDS, TINY_PREFIX, ModelConfig, Recipe
 from tunefleet.strategies import memory
 from tunefleet.strategies.compat import check_compatibility
-from tunefleet.strategies.fsdp import decoder_layers
+from tunefleet.strategies.layers import decoder_layers
 from tunefleet.strategies.memory import GiB, MemoryEstimate, Method, ModelShape, TrainingSetup
 
 # Simplest first: auto takes the first one that fits.

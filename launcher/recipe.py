@@ -499,6 +499,11 @@ class TrainConfig(Section):
     weight_decay: float = Field(0.0, ge=0, description="AdamW weight decay (not applied to biases and norms).")
     adam_betas: tuple[float, float] = Field((0.9, 0.999), description="AdamW betas.")
     adam_eps: float = Field(1e-8, gt=0, description="AdamW epsilon.")
+    optimizer_impl: Literal["auto", "fused", "foreach"] = Field(
+        "auto", description="AdamW implementation: `fused` (one kernel for all parameters; the fastest on GPUs), "
+        "`foreach` (batched per-op kernels), or `auto`: fused when the parameters are on a GPU, foreach on CPUs. "
+        "Both compute the same update up to rounding."
+    )
     warmup_steps: int = Field(0, ge=0, description="Linear warm-up steps.")
     schedule: Literal["constant", "linear", "cosine"] = Field(
         "cosine", description="Learning-rate decay after warm-up."
@@ -558,6 +563,11 @@ class ParallelismConfig(Section):
     )
     mixed_precision: Literal["no", "bf16", "fp16"] = Field("no", description="Compute dtype for forward/backward.")
     activation_checkpointing: bool = Field(False, description="Recompute activations in backward to save memory.")
+    compile: bool = Field(
+        False, description="torch.compile each decoder layer (ddp, fsdp): fuses norms, rotary embeddings and "
+        "activations into fewer kernels, faster per step after a one-off compilation of some seconds to a minute "
+        "on the first step (the layers share one compiled graph)."
+    )
     cpu_offload: bool = Field(False, description="Keep parameters and optimizer state in host memory (fsdp, ZeRO).")
     collective_timeout_s: int = Field(600, ge=10, description="Seconds before a stuck collective fails the run.")
 

@@ -44,6 +44,7 @@ class StrategyPlan(BaseModel):
     grad_accum_steps: int = Field(ge=1)
     mixed_precision: Literal["no", "bf16", "fp16"] = "no"
     activation_checkpointing: bool = False
+    compile: bool = False
     cpu_offload: bool = False
     hsdp: bool = False
     max_grad_norm: float | None = None

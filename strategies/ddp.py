@@ -18,6 +18,7 @@ from tunefleet.strategies.base import (
     Strategy,
     register,
 )
+from tunefleet.strategies.layers import compile_layers
 
 
 @register
@@ -33,6 +34,8 @@ class DDPStrategy(AsyncSave, Strategy):
     ) -> None:
         if self.plan.activation_checkpointing:
             checkpointing.enable_activation_checkpointing(module)
+        if self.plan.compile:
+            compile_layers(module)
         device = _device(self.plan.use_gpu)
         module.to(device)
         if self.plan.mixed_precision == "bf16":

@@ -29,6 +29,7 @@ from tunefleet.strategies.base import (
     StrategyPlan,
     register,
 )
+from tunefleet.strategies.layers import compile_layers, decoder_layers
 
 _COMPUTE_DTYPES = {"no": None, "bf16": torch.bfloat16, "fp16": torch.float16}
 
@@ -40,17 +41,6 @@ def mesh_layout(plan: StrategyPlan) -> tuple[tuple[int, ...], tuple[str, ...]]:
     return (plan.world_size,), ("shard",)
 
 
-def decoder_layers(model: torch.nn.Module) -> list[torch.nn.Module]:
-    """The repeated blocks to shard one by one: HF's ``_no_split_modules`` classes.
-
-    Innermost first, so nested blocks are sharded before the block holding them.
-    Works through a PeftModel wrapper, which keeps the base model's layer classes.
-    """
-    base = model.get_base_model() if hasattr(model, "get_base_model") else model
-    block_names = set(getattr(base, "_no_split_modules", None) or ())
-    return [m for m in reversed(list(model.modules())) if type(m).__name__ in block_names]
-
-
 def parallelize(
     model: torch.nn.Module,
     mesh: DeviceMesh,
@@ -59,10 +49,13 @@ def parallelize(
     reshard_after_forward: bool,
     offload: bool,
     activation_checkpointing: bool,
+    compile: bool = False,
 ) -> torch.nn.Module:
-    """Activation checkpointing, then sharding of each decoder layer and the root."""
+    """Activation checkpointing, then compilation, then sharding of each decoder layer and the root."""
     if activation_checkpointing:
         checkpointing.enable_activation_checkpointing(model)
+    if compile:
+        compile_layers(model)
     dtype = _COMPUTE_DTYPES[mixed_precision]
     # Gradients are reduced in fp32 so averaging over ranks loses no precision.
     mp_policy = MixedPrecisionPolicy(param_dtype=dtype, reduce_dtype=torch.float32 if dtype else None)
@@ -113,6 +106,7 @@ class FSDPStrategy(AsyncSave, Strategy):
             reshard_after_forward=True,
             offload=self.plan.cpu_offload,
             activation_checkpointing=self.plan.activation_checkpointing,
+            compile=self.plan.compile,
         )
         self.optimizer = make_optimizer(_remap_groups(param_groups, names, module))
         self.scheduler = make_scheduler(self.optimizer)

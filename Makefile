@@ -12,7 +12,7 @@ export TORCH_EXTENSIONS_DIR ?= $(CURDIR)/.cache/torch_extensions
 export WANDB_SILENT ?= true
 export PIP_DISABLE_PIP_VERSION_CHECK := 1
 
-.PHONY: venv demo test test-fast test-dist test-e2e bench docs clean
+.PHONY: venv demo test test-fast test-dist test-e2e bench gpu-check docs clean
 
 $(BIN)/.installed: pyproject.toml constraints.txt
 	$(PYTHON) -m venv $(VENV)
@@ -42,6 +42,11 @@ test-e2e: venv
 bench: venv
 	$(BIN)/pip install -q -c $(VENV)/torch-constraint.txt -c constraints.txt -e ".[bench]"
 	$(BIN)/python benchmarks/run.py
+
+# On a machine with a CUDA GPU (install with your TORCH_SPEC): the gpu-marked tests and the GPU benchmark
+# (tunefleet ddp/fsdp/zero3/LoRA/compile against a plain loop on a 1.1B Llama); writes runs/gpu-check/gpu.md.
+gpu-check: venv
+	$(BIN)/python benchmarks/gpu.py
 
 # The documentation site, built strictly (any warning fails) into site/; open site/index.html.
 docs: venv

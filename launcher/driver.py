@@ -25,7 +25,7 @@ from tunefleet.launcher.plan import make_plan, rebalance
 from tunefleet.launcher.planner import plan_report
 from tunefleet.launcher.preflight import package_versions
 from tunefleet.launcher.recipe import RESOLVED_RECIPE, Recipe
-from tunefleet.launcher.train import Job
+from tunefleet.launcher.train import STARTUP_FILE, Job
 from tunefleet.strategies.base import StrategyPlan
 
 _FORWARDED_ENV = ("TUNEFLEET_", "WANDB_", "HF_", "TRANSFORMERS_", "TORCH_EXTENSIONS_DIR", "RAY_TRAIN_", "DS_")
@@ -143,10 +143,13 @@ def launch(recipe: Recipe, *, source: str, address: str | None = None, resume: s
     plan, reason = check_recipe(recipe, source, on_this_machine=address is None)  # before Ray starts
     started = time.time()
     _connect(recipe, address)
+    phases = {"launch": started, "ray_ready": time.time()}
     try:
         job, reason = prepare_job(recipe, plan, reason, resume)
+        phases["job_prepared"] = time.time()
         output_dir = Path(recipe.output_dir)
         output_dir.mkdir(parents=True, exist_ok=True)
+        (output_dir / STARTUP_FILE).unlink(missing_ok=True)  # this launch's phases only
         (output_dir / RESOLVED_RECIPE).write_text(_resolved_yaml(recipe, job, reason))
         runs.record_state(output_dir, "running", name=recipe.name, max_steps=recipe.train.max_steps,
                           checkpoint_dir=recipe.checkpoint_dir)
@@ -182,9 +185,25 @@ def launch(recipe: Recipe, *, source: str, address: str | None = None, resume: s
     if console.finish.get("preflight_failed"):
         raise PreflightError("preflight failed:\n" + "\n".join(f"  - {p}" for p in console.finish["preflight_failed"]))
     summary = console.summary(output_dir, wall_time_s=time.time() - started)
+    summary["startup_s"] = startup_breakdown(phases, output_dir / STARTUP_FILE)
     tracker.finish(summary)
     (output_dir / "summary.json").write_text(json.dumps(summary, indent=2))
     return LaunchResult(output_dir=str(output_dir), summary=summary, preempted_at=preempted_at)
+
+
+def startup_breakdown(driver_phases: dict[str, float], worker_file: Path) -> dict[str, float] | None:
+    """Seconds spent in each phase from `tunefleet launch` to the end of the first step (of the last
+    attempt): Ray start, job preparation (model folder, tokenization, planning), worker group start,
+    preflight, model load, strategy setup (wrapping, sharding, compilation), first step."""
+    if not worker_file.is_file():
+        return None
+    marks = {**driver_phases, **json.loads(worker_file.read_text())}
+    order = ["launch", "ray_ready", "job_prepared", "worker_start", "preflight_done", "model_loaded",
+             "strategy_ready", "first_step_done"]
+    names = ["ray_start", "job_preparation", "worker_group_start", "preflight", "model_load", "strategy_setup",
+             "first_step"]
+    parts = {name: round(marks[b] - marks[a], 2) for name, a, b in zip(names, order, order[1:], strict=True)}
+    return {**parts, "total": round(marks["first_step_done"] - marks["launch"], 2)}
 
 
 def _final_state(finish: dict) -> str:

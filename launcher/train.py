@@ -3,6 +3,7 @@ process group already up; reads top to bottom, like a single-file recipe."""
 
 from __future__ import annotations
 
+import json
 import random
 import time
 from dataclasses import dataclass, field
@@ -55,6 +56,7 @@ def seed_everything(seed: int) -> None:
 
 def run(job: Job, reporter: Reporter, control=None, node: str | None = None) -> dict:
     recipe = job.recipe
+    startup = {"worker_start": time.time()}  # wall clock of each start-up phase; rank 0 writes STARTUP_FILE
     rank, world_size = dist.get_rank(), dist.get_world_size()
     plan = rebalance(job.strategy_plan, world_size=world_size)
     device = worker_device(plan)
@@ -69,11 +71,13 @@ def run(job: Job, reporter: Reporter, control=None, node: str | None = None) -> 
         return {"preflight_failed": problems, "preflight": preflight}
 
     # Model, strategy, optimizer.
+    startup["preflight_done"] = time.time()
     strategy = strategies.create(plan)
     tokenizer = modeling.load_tokenizer(job.model_path)
     module = modeling.load_model(
         recipe.model, recipe.method, job.model_path, init_context=strategy.model_init_context()
     )
+    startup["model_loaded"] = time.time()
     strategy.setup(
         module,
         modeling.make_optimizer_factory(recipe.train),
@@ -81,6 +85,7 @@ def run(job: Job, reporter: Reporter, control=None, node: str | None = None) -> 
         modeling.param_groups(module, recipe.train),
     )
 
+    startup["strategy_ready"] = time.time()
     num_params = sum(getattr(p, "ds_numel", p.numel()) for p in strategy.unwrapped.parameters())
     num_trainable = sum(getattr(p, "ds_numel", p.numel()) for p in strategy.unwrapped.parameters() if p.requires_grad)
     peak_flops = throughput.device_peak_flops(device)
@@ -159,6 +164,8 @@ def run(job: Job, reporter: Reporter, control=None, node: str | None = None) -> 
         step_time_s = time.perf_counter() - started
         tokens_seen += result.num_input_tokens
         done = step + 1
+        if step == start_step and rank == 0:
+            record_startup(recipe.output_dir, {**startup, "first_step_done": time.time()})
         if done % recipe.logging.every_steps == 0 or done == recipe.train.max_steps:
             rows = plan.global_batch_rows
             flops = throughput.flops_per_token(
@@ -240,6 +247,14 @@ def memory_per_rank(strategy, device: torch.device) -> dict[str, list[int]]:
              **throughput.memory_stats(device)}
     gathered = collectives.all_gather(torch.tensor(list(stats.values()), dtype=torch.int64))
     return {f"{name}_per_rank": [int(g[i]) for g in gathered] for i, name in enumerate(stats)}
+
+
+STARTUP_FILE = "startup.json"
+
+
+def record_startup(output_dir: str, phases: dict[str, float]) -> None:
+    """Rank 0: when (wall clock) each start-up phase of this attempt ended, for the launch summary."""
+    (Path(output_dir) / STARTUP_FILE).write_text(json.dumps(phases))
 
 
 def count_attempt(output_dir: str, launch_id: str, rank: int) -> int:

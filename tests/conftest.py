@@ -21,7 +21,8 @@ BIN = Path(sys.executable).parent
 
 os.environ.setdefault("TUNEFLEET_CACHE", str(REPO / ".cache" / "tunefleet"))
 os.environ.setdefault("TORCH_EXTENSIONS_DIR", str(REPO / ".cache" / "torch_extensions"))
-os.environ.setdefault("DS_ACCELERATOR", "cpu")
+if not shutil.which("nvidia-smi"):
+    os.environ.setdefault("DS_ACCELERATOR", "cpu")  # DeepSpeed otherwise warns on every import
 os.environ["HF_HUB_OFFLINE"] = "1"
 os.environ["WANDB_SILENT"] = "true"
 os.environ.pop("WANDB_API_KEY", None)

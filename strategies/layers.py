@@ -28,5 +28,5 @@ def compile_layers(model: torch.nn.Module) -> int:
         raise TypeError(f"{type(model).__name__} names no decoder layer classes (_no_split_modules) to compile; "
                         "set parallelism.compile: false")
     for layer in layers:
-        layer.compile(dynamic=False)
+        layer.compile()  # static shapes first; a varying document count then makes that dimension dynamic
     return len(layers)

@@ -202,7 +202,7 @@ def startup_breakdown(driver_phases: dict[str, float], worker_file: Path) -> dic
              "strategy_ready", "first_step_done"]
     names = ["ray_start", "job_preparation", "worker_group_start", "preflight", "model_load", "strategy_setup",
              "first_step"]
-    parts = {name: round(marks[b] - marks[a], 2) for name, a, b in zip(names, order, order[1:], strict=True)}
+    parts = {name: round(marks[b] - marks[a], 2) for name, a, b in zip(names, order[:-1], order[1:], strict=True)}
     return {**parts, "total": round(marks["first_step_done"] - marks["launch"], 2)}
 
 

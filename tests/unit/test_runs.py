@@ -31,3 +31,17 @@ def test_the_final_state_says_how_the_workers_ended():
     assert _final_state({"preempted_at": 4}) == "preempted"
     assert _final_state({"stopped_early_at": 12, "final_dir": "f"}) == "stopped early"
     assert _final_state({"stopped_early_at": None, "final_dir": "f"}) == "finished"
+
+
+def test_startup_breakdown_splits_the_time_to_the_first_step(tmp_path):
+    import json
+
+    from tunefleet.launcher.driver import startup_breakdown
+
+    worker = tmp_path / "startup.json"
+    assert startup_breakdown({"launch": 0.0}, worker) is None  # no step trained by this launch
+    worker.write_text(json.dumps({"worker_start": 20.0, "preflight_done": 21.0, "model_loaded": 25.0,
+                                  "strategy_ready": 27.5, "first_step_done": 30.0}))
+    parts = startup_breakdown({"launch": 0.0, "ray_ready": 4.0, "job_prepared": 9.0}, worker)
+    assert parts == {"ray_start": 4.0, "job_preparation": 5.0, "worker_group_start": 11.0, "preflight": 1.0,
+                     "model_load": 4.0, "strategy_setup": 2.5, "first_step": 2.5, "total": 30.0}

@@ -67,40 +67,44 @@ def packed_attention(module: torch.nn.Module, query: torch.Tensor, key: torch.Te
     scale = scaling if scaling is not None else dim**-0.5
     max_length = max_length_q or seq
     if query.is_cuda and _VARLEN is not None:
-        out = _flash(*flat, cu_seq_lens_q, max_length, scale)
+        # The kernel takes fp16/bf16 only. Under autocast (ddp's bf16) rotary embeddings leave queries and
+        # keys in fp32, and autocast casts for SDPA but not for this op: cast as it would.
+        dtype = torch.get_autocast_dtype("cuda") if torch.is_autocast_enabled("cuda") else value.dtype
+        out = _flash(*(t.to(dtype) for t in flat), cu_seq_lens_q, max_length, scale) \
+            if dtype in (torch.float16, torch.bfloat16) else documents_attention(*flat, cu_seq_lens_q, scale)
     else:
         out = documents_attention(*flat, cu_seq_lens_q, scale)
     return out.view(batch, seq, num_heads, dim), None
 
 
 def _load_varlen():
-    """PyTorch's variable-length flash attention and its calling convention: "window" (torch >= 2.12:
-    causal is the window (-1, 0), GQA native, any scale) or "is_causal" (2.9-2.11); (None, None) if absent.
+    """PyTorch's variable-length flash attention and the keyword arguments this version takes (they
+    changed between releases: `is_causal` before `window_size`, `scale` and `enable_gqa` added later).
     Settled at import, so that compiled layers see constants."""
     try:
         from torch.nn.attention.varlen import varlen_attn
     except ImportError:
-        return None, None
-    params = inspect.signature(varlen_attn).parameters
-    return varlen_attn, ("window" if "window_size" in params else "is_causal_scale" if "scale" in params
-                         else "is_causal")
+        return None, frozenset()
+    return varlen_attn, frozenset(inspect.signature(varlen_attn).parameters)
 
 
-_VARLEN, _VARLEN_CALL = _load_varlen()
+_VARLEN, _VARLEN_ARGS = _load_varlen()
 
 
 def _flash(query, key, value, cu_seq_lens: torch.Tensor, max_length: int, scale: float) -> torch.Tensor:
+    if "scale" not in _VARLEN_ARGS and abs(scale - query.shape[-1] ** -0.5) > 1e-12:
+        return documents_attention(query, key, value, cu_seq_lens, scale)  # this version has the default only
+    kwargs: dict = {"window_size": (-1, 0)} if "window_size" in _VARLEN_ARGS else {"is_causal": True}
+    if "scale" in _VARLEN_ARGS:
+        kwargs["scale"] = scale
+    if key.shape[1] != query.shape[1]:
+        if "enable_gqa" in _VARLEN_ARGS:
+            kwargs["enable_gqa"] = True
+        else:  # one key/value head per query head
+            repeats = query.shape[1] // key.shape[1]
+            key, value = key.repeat_interleave(repeats, dim=1), value.repeat_interleave(repeats, dim=1)
     cu = cu_seq_lens.to(torch.int32)
-    if _VARLEN_CALL == "window":
-        return _VARLEN(query, key, value, cu, cu, max_length, max_length, scale=scale, window_size=(-1, 0),
-                       enable_gqa=key.shape[1] != query.shape[1])
-    if _VARLEN_CALL == "is_causal" and abs(scale - query.shape[-1] ** -0.5) > 1e-12:
-        return documents_attention(query, key, value, cu_seq_lens, scale)  # no scale argument before 2.12
-    if key.shape[1] != query.shape[1]:  # no GQA before 2.12: one key/value head per query head
-        repeats = query.shape[1] // key.shape[1]
-        key, value = key.repeat_interleave(repeats, dim=1), value.repeat_interleave(repeats, dim=1)
-    extra = {"scale": scale} if _VARLEN_CALL == "is_causal_scale" else {}
-    return _VARLEN(query, key, value, cu, cu, max_length, max_length, is_causal=True, **extra)
+    return _VARLEN(query, key, value, cu, cu, max_length, max_length, **kwargs)
 
 
 def documents_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, cu_seq_lens: torch.Tensor,

@@ -33,6 +33,29 @@ RANK_SCRIPTS = (b"torchrun_ddp.py", b"trl_sft.py")
 LAUNCHERS = (b"bin/torchrun", b"bin/accelerate")
 
 
+QUIET_LOAD_PER_CORE = 0.5  # 1-minute load average per core above which timings are not worth taking
+
+
+class MachineBusy(SystemExit):
+    """The machine is busy: side-by-side timings would measure the other work (exits with the message)."""
+
+
+def require_quiet(allow_busy: bool = False, per_core: float = QUIET_LOAD_PER_CORE) -> dict:
+    """Refuse to benchmark on a busy machine (1-minute load average above ``per_core`` per core);
+    with ``allow_busy`` go on, saying so loudly. Returns what was seen, for the result's record."""
+    load, cores = os.getloadavg()[0], os.cpu_count() or 1
+    seen = {"load_avg_1m": round(load, 2), "cores": cores, "quiet": load <= per_core * cores}
+    if seen["quiet"]:
+        return seen
+    message = (f"the machine is busy: 1-minute load average {load:.2f} on {cores} cores (more than {per_core} per "
+               "core); timings taken now measure the other work. Stop it and run again, or pass --allow-busy "
+               "to record them marked as busy.")
+    if not allow_busy:
+        raise MachineBusy(message)
+    print(f"WARNING: {message}", file=sys.stderr, flush=True)
+    return seen
+
+
 class RunFailed(SystemExit):
     """A benchmarked command exited non-zero (uncaught, it exits with the message and no traceback)."""
 

@@ -40,7 +40,19 @@ from pathlib import Path
 
 from ddp_vs_torchrun import floor_command, recipe_overrides
 from frozen import freeze_code, provenance
-from harness import BIN, REPO, Run, RunFailed, machine, median, ratio, run_logged, subprocess_env, versions
+from harness import (
+    BIN,
+    REPO,
+    Run,
+    RunFailed,
+    machine,
+    median,
+    ratio,
+    require_quiet,
+    run_logged,
+    subprocess_env,
+    versions,
+)
 
 SYSTEMS = ("tunefleet-ddp", "torchrun", "trl", "tunefleet-fsdp", "tunefleet-deepspeed_zero3")
 BASELINES = ("torchrun", "trl")
@@ -63,6 +75,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--systems", nargs="+", choices=SYSTEMS, default=list(SYSTEMS), help="Systems to run.")
     parser.add_argument("--code-ref", help="Run the code of this git commit instead of the working tree.")
     parser.add_argument("--out", default=str(REPO / "docs" / "benchmarks" / "peers.json"), help="JSON result.")
+    parser.add_argument("--allow-busy", action="store_true", help="Run on a busy machine (the result says so).")
     args = parser.parse_args(argv)
     if args.steps <= args.warmup + 2:
         parser.error(f"--steps must exceed --warmup + 2 ({args.warmup + 2}) to leave steady-state steps")
@@ -220,13 +233,15 @@ def measure_peak() -> float:
 
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
+    quiet = require_quiet(args.allow_busy)
     work = Path(tempfile.mkdtemp(prefix="tf-bench-peers-"))
     recipe_path, code, scripts = freeze(args, work)
     recipe, model_path, data_dir, model = prepare(args, recipe_path, work)
     built = commands(args, recipe, recipe_path, scripts, model_path, data_dir)
     peaks = [measure_peak()]
     result = {"command": " ".join(["python", "benchmarks/peers.py", *(argv if argv is not None else sys.argv[1:])]),
-              "config": {k: v for k, v in vars(args).items() if k != "out"}, "machine": machine(), "code": code,
+              "config": {k: v for k, v in vars(args).items() if k != "out"}, "machine": {**machine(), "start": quiet},
+              "code": code,
               "versions": versions("torch", "transformers", "trl", "accelerate", "ray", "deepspeed", "datasets"),
               "model": {"path": args.model, "num_params": model["num_params"]},
               "commands": {s: " ".join(built[s](Path(f"<out-{s}>"))).replace(f"{REPO}/", "") for s in args.systems},

@@ -115,3 +115,15 @@ def test_plots_are_written_as_png(bench, result, tmp_path):
                        "first_step_s": "benchmarks/peers_first_step.png"}
     for path in written.values():
         assert (tmp_path / path).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_benchmarks_refuse_a_busy_machine_unless_told(bench, monkeypatch, capsys):
+    harness = bench["harness"]
+    cores = harness.os.cpu_count()
+    monkeypatch.setattr(harness.os, "getloadavg", lambda: (cores * 0.9, 0.0, 0.0))
+    with pytest.raises(harness.MachineBusy, match="busy: 1-minute load average"):
+        harness.require_quiet()
+    assert harness.require_quiet(allow_busy=True)["quiet"] is False
+    assert "WARNING: the machine is busy" in capsys.readouterr().err
+    monkeypatch.setattr(harness.os, "getloadavg", lambda: (cores * 0.1, 0.0, 0.0))
+    assert harness.require_quiet()["quiet"] is True

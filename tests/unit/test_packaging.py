@@ -48,3 +48,24 @@ def test_wheel_contains_only_tunefleet_packages(tmp_path):
         assert f"tunefleet/{module}" in names
     entry_points = zipfile.ZipFile(wheel).read(next(n for n in names if n.endswith("entry_points.txt")))
     assert b"tunefleet = tunefleet.launcher.cli:main" in entry_points
+
+
+COLLECTIVES = {"all_reduce", "all_gather", "broadcast", "barrier", "broadcast_object_list", "all_gather_object",
+               "reduce", "gather", "scatter", "reduce_scatter", "all_to_all", "all_gather_into_tensor"}
+
+
+def test_the_launcher_issues_collectives_only_through_its_collectives_module():
+    """A collective on the default group fails for CPU tensors on GPU workers (NCCL has no CPU backend);
+    launcher/collectives.py picks the group that serves each tensor's device, so every other module goes
+    through it."""
+    import ast
+
+    offenders = []
+    for path in (REPO / "launcher").rglob("*.py"):
+        if path.name == "collectives.py":
+            continue
+        for node in ast.walk(ast.parse(path.read_text())):
+            if (isinstance(node, ast.Call) and isinstance(node.func, ast.Attribute) and node.func.attr in COLLECTIVES
+                    and isinstance(node.func.value, ast.Name) and node.func.value.id == "dist"):
+                offenders.append(f"{path.relative_to(REPO)}:{node.lineno} dist.{node.func.attr}")
+    assert not offenders, f"use tunefleet.launcher.collectives instead: {offenders}"

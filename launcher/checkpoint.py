@@ -135,8 +135,7 @@ class CheckpointManager:
             future.result()
             if before_commit is not None:
                 before_commit()
-            if dist.is_initialized():
-                dist.barrier(group=self._group)
+            collectives.barrier(group=self._group)
             if _rank() == 0:
                 self._commit(partial, final, meta)
         except BaseException as exc:  # surfaced on the training thread by wait()

@@ -81,10 +81,11 @@ def broadcast(tensor: torch.Tensor, src: int = 0) -> torch.Tensor:
     return tensor
 
 
-def barrier() -> None:
-    """Wait for every rank, on the host (no device work queued)."""
+def barrier(group=None) -> None:
+    """Wait for every rank, on the host (no device work queued); ``group``: a gloo group of the caller's
+    own (the background checkpoint thread has one), else the host group."""
     if dist.is_initialized():
-        dist.barrier(group=host_group())
+        dist.barrier(group=group if group is not None else host_group())
 
 
 def broadcast_object(obj: Any, src: int = 0) -> Any:

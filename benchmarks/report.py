@@ -16,6 +16,7 @@ import json
 from pathlib import Path
 
 import jinja2
+from gpu import markdown as gpu_markdown
 from harness import REPO, cell, median, ratio
 
 HERE = Path(__file__).resolve().parent
@@ -128,7 +129,8 @@ def plot(result: dict, out_dir: Path) -> dict[str, str]:
     return written
 
 
-def render(result: dict | None, images: dict[str, str], raw_files: list[dict]) -> str:
+def render(result: dict | None, images: dict[str, str], raw_files: list[dict], gpu: dict | None = None,
+           quiet: dict | None = None) -> str:
     env = jinja2.Environment(loader=jinja2.FileSystemLoader(TEMPLATE.parent), undefined=jinja2.StrictUndefined,
                              keep_trailing_newline=True, trim_blocks=True, lstrip_blocks=True)
     env.filters["mib"] = lambda b: cell("{:,.0f}", None if b is None else b / MIB)
@@ -138,7 +140,9 @@ def render(result: dict | None, images: dict[str, str], raw_files: list[dict]) -
                    for s in result["config"]["systems"]} if result else {}
     return env.get_template(TEMPLATE.name).render(
         peers=result, rows=table_rows(result) if result else [], targets=targets(result) if result else [],
-        images=images, labels=LABELS, raw_files=raw_files, other_cores=other_cores)
+        images=images, labels=LABELS, raw_files=raw_files, other_cores=other_cores,
+        gpu=gpu, gpu_table=gpu_markdown(gpu) if gpu else "", quiet=quiet, quiet_rows=table_rows(quiet) if quiet else [],
+        quiet_targets=targets(quiet) if quiet else [])
 
 
 def raw_files(json_dir: Path) -> list[dict]:
@@ -161,7 +165,10 @@ def main(argv: list[str] | None = None) -> None:
     peers_json = args.json_dir / "peers.json"
     result = json.loads(peers_json.read_text()) if peers_json.is_file() else None
     images = plot(result, args.json_dir) if result else {}
-    args.out.write_text(render(result, images, raw_files(args.json_dir)))
+    gpu_json, quiet_json = args.json_dir / "gpu.json", args.json_dir / "peers_quiet.json"
+    gpu = json.loads(gpu_json.read_text()) if gpu_json.is_file() else None
+    quiet = json.loads(quiet_json.read_text()) if quiet_json.is_file() else None
+    args.out.write_text(render(result, images, raw_files(args.json_dir), gpu, quiet))
     print(f"wrote {args.out}" + "".join(f", {args.json_dir.parent / p}" for p in images.values()))
 
 

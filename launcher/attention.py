@@ -37,6 +37,7 @@ def register() -> str:
     from transformers import AttentionInterface
     from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS
 
+    _find_varlen()
     AttentionInterface.register(NAME, packed_attention)
     ALL_MASK_ATTENTION_FUNCTIONS.register(NAME, _mask)
     return NAME
@@ -77,18 +78,25 @@ def packed_attention(module: torch.nn.Module, query: torch.Tensor, key: torch.Te
     return out.view(batch, seq, num_heads, dim), None
 
 
-def _load_varlen():
-    """PyTorch's variable-length flash attention and the keyword arguments this version takes (they
+_VARLEN = None  # torch.nn.attention.varlen.varlen_attn, once `register` or `packed_kernel` has looked
+_VARLEN_ARGS: frozenset[str] = frozenset()
+_looked = False
+
+
+def _find_varlen() -> None:
+    """Find PyTorch's variable-length flash attention and the keyword arguments this version takes (they
     changed between releases: `is_causal` before `window_size`, `scale` and `enable_gqa` added later).
-    Settled at import, so that compiled layers see constants."""
+    Looked up once, before any forward (importing it loads torch._dynamo, so not at import), and kept in
+    module globals so that compiled layers see constants."""
+    global _VARLEN, _VARLEN_ARGS, _looked
+    if _looked:
+        return
+    _looked = True
     try:
         from torch.nn.attention.varlen import varlen_attn
     except ImportError:
-        return None, frozenset()
-    return varlen_attn, frozenset(inspect.signature(varlen_attn).parameters)
-
-
-_VARLEN, _VARLEN_ARGS = _load_varlen()
+        return
+    _VARLEN, _VARLEN_ARGS = varlen_attn, frozenset(inspect.signature(varlen_attn).parameters)
 
 
 def _flash(query, key, value, cu_seq_lens: torch.Tensor, max_length: int, scale: float) -> torch.Tensor:
@@ -131,6 +139,7 @@ def document_starts(position_ids: torch.Tensor) -> torch.Tensor:
 def packed_kernel(device: torch.device) -> bool:
     """Whether packed batches on ``device`` pass document boundaries (the fused kernel) rather than have
     transformers build the block-diagonal mask: on CUDA when PyTorch has the variable-length kernel."""
+    _find_varlen()
     return device.type == "cuda" and _VARLEN is not None
 
 

@@ -105,6 +105,9 @@ def _connect(recipe: Recipe, address: str | None) -> None:
         ray.init(address=address, logging_level="WARNING", log_to_driver=True)
         return
     needed = recipe.parallelism.world_size * recipe.parallelism.cpus_per_worker
+    # Ray starts worker processes at nice 15 to keep its daemons responsive; training ranks would then yield
+    # the CPU to every other process on the node. Ray's own job submission sets 0 for its jobs, as here.
+    os.environ.setdefault("RAY_worker_niceness", "0")
     ray.init(num_cpus=max(os.cpu_count() or 1, needed), logging_level="WARNING")
 
 

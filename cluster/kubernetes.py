@@ -194,8 +194,11 @@ def _container(name: str, recipe: Any, kube: Any, resources: dict) -> dict:
         {"name": "recipe", "mountPath": RECIPE_DIR, "readOnly": True},
         {"name": "dshm", "mountPath": "/dev/shm"},
     ]
-    return {"name": name, "image": kube.image, "env": _env(recipe, kube), "resources": resources,
-            "volumeMounts": mounts}
+    container = {"name": name, "image": kube.image, "env": _env(recipe, kube), "resources": resources,
+                 "volumeMounts": mounts}
+    if kube.env_from_secrets:
+        container["envFrom"] = [{"secretRef": {"name": secret}} for secret in kube.env_from_secrets]
+    return container
 
 
 def _env(recipe: Any, kube: Any) -> list[dict]:
@@ -208,6 +211,8 @@ def _env(recipe: Any, kube: Any) -> list[dict]:
     if kube.wandb_secret:
         ref = {"name": kube.wandb_secret, "key": kube.wandb_secret_key}
         env.append({"name": "WANDB_API_KEY", "valueFrom": {"secretKeyRef": ref}})
+    for item in kube.secret_env:  # by reference: a manifest never holds a secret's value
+        env.append({"name": item.name, "valueFrom": {"secretKeyRef": {"name": item.secret, "key": item.key}}})
     return env
 
 

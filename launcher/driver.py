@@ -14,7 +14,7 @@ import uuid
 from dataclasses import dataclass
 from pathlib import Path
 
-from tunefleet.launcher import checkpoint, data, modeling, preprocess, runs, sources
+from tunefleet.launcher import checkpoint, data, modeling, preprocess, runs, secrets, sources
 from tunefleet.launcher.collectives import process_group_backend
 from tunefleet.launcher.console import LaunchConsole
 from tunefleet.launcher.control import EXIT_PREEMPTED, Control, forward_signals_to
@@ -90,8 +90,15 @@ def prepare_job(recipe: Recipe, plan: StrategyPlan, reason: str, resume: str) ->
     return job, reason
 
 
+def _forwarded() -> tuple[dict[str, str], dict[str, str]]:
+    """(settings, secrets) of the driver's environment that workers get: tunefleet's, W&B's, Hugging Face's,
+    Ray Train's and DeepSpeed's variables, and the known secret names."""
+    return secrets.split({k: v for k, v in os.environ.items() if k.startswith(_FORWARDED_ENV) or k in secrets.NAMES})
+
+
 def _worker_env(recipe: Recipe) -> dict[str, str]:
-    env = {k: v for k, v in os.environ.items() if k.startswith(_FORWARDED_ENV)}
+    """Settings for the workers' runtime env, which Ray logs: never a secret (see secrets.py)."""
+    env, _ = _forwarded()
     env.setdefault("OMP_NUM_THREADS", str(recipe.parallelism.cpus_per_worker))
     if not recipe.parallelism.use_gpu:
         env.setdefault("DS_ACCELERATOR", "cpu")  # DeepSpeed otherwise warns on every import
@@ -121,7 +128,8 @@ def _trainer(job: Job, queue, control, *, loop=None, name: str | None = None, st
     recipe, par = job.recipe, job.recipe.parallelism
     return TorchTrainer(
         loop or train_loop_per_worker,
-        train_loop_config={"job": job, "queue": queue, "control": control},
+        train_loop_config={"job": job, "queue": queue, "control": control,
+                           "secrets": secrets.store(_forwarded()[1], scheduling_strategy=_head_node_affinity())},
         torch_config=TorchConfig(backend=process_group_backend(par.use_gpu), timeout_s=par.collective_timeout_s),
         scaling_config=ScalingConfig(
             num_workers=(par.min_workers, par.world_size) if par.min_workers else par.world_size,

@@ -152,8 +152,10 @@ def eval_loop_per_worker(config: dict) -> None:
     """What Ray Train runs on every worker for `tunefleet eval`; rank 0 sends the figures back."""
     import ray.train
 
+    from tunefleet.launcher import secrets
     from tunefleet.launcher.worker import _quiet_libraries
 
+    secrets.install(config.get("secrets"))
     _quiet_libraries()
     row = run_on_worker(config["job"])
     if ray.train.get_context().get_world_rank() == 0:

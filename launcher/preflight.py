@@ -11,6 +11,7 @@ free host memory against the planner's estimate.
 from __future__ import annotations
 
 import importlib.metadata
+import os
 import socket
 import time
 import uuid
@@ -22,6 +23,7 @@ import torch
 import torch.distributed as dist
 
 from tunefleet.launcher import collectives
+from tunefleet.launcher.secrets import is_secret
 
 PACKAGES = ("tunefleet", "torch", "deepspeed", "transformers", "peft", "ray")
 PROBE_BYTES = 8 << 20
@@ -43,6 +45,7 @@ class RankReport:
     node: str
     versions: dict[str, str]
     host_free_bytes: int
+    secrets: list[str] = field(default_factory=list)
     problems: list[str] = field(default_factory=list)
 
 
@@ -90,7 +93,8 @@ def run_preflight(*, driver_versions: dict[str, str], checkpoint_dir: str, host_
     rank, world = dist.get_rank(), dist.get_world_size()
     token = collectives.broadcast_object(uuid.uuid4().hex[:8] if rank == 0 else None)
     node = node or socket.gethostname()
-    mine = RankReport(rank, node, package_versions(), psutil.virtual_memory().available)
+    mine = RankReport(rank, node, package_versions(), psutil.virtual_memory().available,
+                      secrets=sorted(name for name in os.environ if is_secret(name)))
     mine.problems += _check_storage(Path(checkpoint_dir), token, rank, world)
     for name, version in mine.versions.items():
         if version != driver_versions.get(name):
@@ -107,5 +111,7 @@ def run_preflight(*, driver_versions: dict[str, str], checkpoint_dir: str, host_
         "nodes": sorted({r.node for r in reports}),
         "min_host_free_gib": round(min(r.host_free_bytes for r in reports) / 2**30, 1),
         "versions": reports[0].versions,
+        # names only: which secrets (API keys, tokens) every worker has in its environment
+        "secrets_on_every_worker": sorted(set.intersection(*(set(r.secrets) for r in reports))),
     }
     return problems, report

@@ -654,6 +654,14 @@ class Toleration(Section):
     )
 
 
+class SecretEnv(Section):
+    """One environment variable of the pods, taken from a key of an existing Kubernetes Secret."""
+
+    name: str = Field(pattern=r"^[A-Za-z_][A-Za-z0-9_]*$", description="Variable name in the pods, e.g. `HF_TOKEN`.")
+    secret: str = Field(max_length=253, pattern=_K8S_NAME, description="Name of the Secret (in the job's namespace).")
+    key: str = Field(pattern=r"^[-._a-zA-Z0-9]+$", description="Key inside the Secret whose value the variable gets.")
+
+
 class KubernetesConfig(Section):
     """`tunefleet submit --to kubernetes`: a KubeRay `RayJob` (ray.io/v1 API of KubeRay v1.5.1 or newer)."""
 
@@ -705,6 +713,15 @@ class KubernetesConfig(Section):
     )
     wandb_secret_key: str = Field(
         "WANDB_API_KEY", pattern=r"^[-._a-zA-Z0-9]+$", description="Key of the API key inside `wandb_secret`."
+    )
+    secret_env: list[SecretEnv] = Field(
+        default_factory=list, description="Environment variables the pods take from existing Secrets by reference "
+        "(`secretKeyRef`), e.g. `[{name: HF_TOKEN, secret: hf, key: token}]` for a gated model; the manifest names "
+        "the Secret, never a value."
+    )
+    env_from_secrets: list[Annotated[str, Field(max_length=253, pattern=_K8S_NAME)]] = Field(
+        default_factory=list, description="Existing Secrets whose every key becomes an environment variable of the "
+        "pods (`envFrom`), by reference."
     )
     keep_finished_s: int = Field(
         300, ge=0, description="Seconds the Ray cluster stays up after the job ends, before KubeRay deletes it."

@@ -10,6 +10,7 @@ import socket
 import ray
 import ray.train
 
+from tunefleet.launcher import secrets
 from tunefleet.launcher.metrics import Reporter
 from tunefleet.launcher.train import Job, run
 
@@ -24,6 +25,7 @@ def _quiet_libraries() -> None:
 
 
 def train_loop_per_worker(config: dict) -> None:
+    secrets.install(config.get("secrets"))
     _quiet_libraries()
     job: Job = config["job"]
     rank = ray.train.get_context().get_world_rank()

@@ -517,3 +517,18 @@ def test_job_ids(tmp_path):
         with pytest.raises(ClusterError, match="namespace"):
             k8s.parse_job_id(bad)
     assert k8s.job_name(make_recipe(tmp_path, {"name": "7B_" + "x" * 60})[0]).startswith("tf-7b-")
+
+
+def test_secrets_reach_the_pods_by_reference_only(tmp_path, monkeypatch):
+    planted = {"HF_TOKEN": "hf-planted-7f3a9c", "WANDB_API_KEY": "wandb-planted-51be0d", "TUNEFLEET_DB_PASSWORD": "pw-9e1"}
+    for name, value in planted.items():
+        monkeypatch.setenv(name, value)
+    recipe, _ = make_recipe(tmp_path, {"cluster": {"kubernetes": {
+        "secret_env": [{"name": "HF_TOKEN", "secret": "hf", "key": "token"}], "env_from_secrets": ["service-creds"]}}})
+    text = json.dumps(render(recipe))
+    assert not [name for name, value in planted.items() if value in text]
+    container = pod_templates(render(recipe))["worker"]["spec"]["containers"][0]
+    assert {"name": "HF_TOKEN", "valueFrom": {"secretKeyRef": {"name": "hf", "key": "token"}}} in container["env"]
+    assert container["envFrom"] == [{"secretRef": {"name": "service-creds"}}]
+    for obj in as_core_objects(render(recipe)):
+        kubernetes_validate.validate(obj, K8S_VERSION, strict=True)

@@ -283,3 +283,12 @@ def test_two_hosts_run_one_ray_node_each(slurm_two_hosts, tmp_path):
     assert "all 2 Ray node(s) joined" in log
     assert train_steps(out) == list(range(1, 9))
     assert {"10.213.0.1", "10.213.0.2"} <= set(re.findall(r"ip=(10\.213\.0\.\d)", log))
+
+
+def test_secrets_reach_the_job_by_inherited_environment_never_the_script(tmp_path, monkeypatch):
+    planted = {"HF_TOKEN": "hf-planted-2c81", "WANDB_API_KEY": "wandb-planted-77d0"}
+    for name, value in planted.items():
+        monkeypatch.setenv(name, value)
+    script = render(tmp_path, export_env=["HF_TOKEN", "WANDB_API_KEY"])
+    assert not [name for name, value in planted.items() if value in script]
+    assert any("--export=" in line and "HF_TOKEN" in line and "WANDB_API_KEY" in line for line in directives(script))

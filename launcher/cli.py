@@ -43,6 +43,10 @@ def launch(
     resume: Annotated[
         str, typer.Option(help="auto: continue from the latest checkpoint; never: refuse if checkpoints exist.")
     ] = "auto",
+    verbose: Annotated[
+        bool, typer.Option("--verbose", help="Show Ray's and the libraries' own output too (default: <output_dir>/"
+                           "launch.log).")
+    ] = False,
 ) -> None:
     """Train: validate, plan, provision Ray workers and run the recipe."""
     from tunefleet.launcher.driver import launch as run_launch
@@ -50,7 +54,7 @@ def launch(
     if resume not in ("auto", "never"):
         raise UserError("--resume must be auto or never")
     loaded = load_recipe(recipe, overrides or [])
-    result = run_launch(loaded, source=str(recipe), address=address, resume=resume)
+    result = run_launch(loaded, source=str(recipe), address=address, resume=resume, verbose=verbose)
     if result.preempted_at is not None:
         from tunefleet.launcher.control import EXIT_PREEMPTED
 

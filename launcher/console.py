@@ -25,6 +25,9 @@ class LaunchConsole:
         self.eval_rows: dict[int, dict] = {}
         self.finish: dict = {}
         self.restarts = 0
+        self.started = False  # a start event came: another one is a restart of the worker group
+        self.first_steps: set[int] = set()
+        self.ray_log: str | None = None  # where Ray's own output of the run goes, named in restart lines
         self._max_steps = 0
 
     def header(self, job, reason: str, data_meta: dict) -> None:
@@ -62,13 +65,25 @@ class LaunchConsole:
     def update(self, events: list[dict]) -> None:
         for event in events:
             kind = event.get("event")
-            if kind == "start" and event.get("resumed_from"):
-                self.restarts += 1 if self.train_rows else 0
-                self._bar.console.print(f"resuming from {event['resumed_from']}")
+            if kind == "start":
+                self._started(event)
             elif kind == "metrics":
                 self._record(event)
             elif kind == "finish":
                 self.finish = event
+
+    def _started(self, event: dict) -> None:
+        """A worker group started: the first one, or a restart after a failure (one line, not Ray's traceback)."""
+        self.first_steps.add(event.get("start_step", 0) + 1)  # an attempt's first step: start-up, not speed
+        where = event.get("resumed_from")
+        if self.started:
+            self.restarts += 1
+            self._bar.console.print(
+                f"[yellow]worker group failed[/]: restart {self.restarts} from {where or 'step 0 (no checkpoint)'}"
+                + (f"; Ray's report is in {self.ray_log}" if self.ray_log else ""))
+        elif where:
+            self._bar.console.print(f"resuming from {where}")
+        self.started = True
 
     def _record(self, row: dict) -> None:
         step = row["step"]
@@ -82,18 +97,20 @@ class LaunchConsole:
     def summary(self, output_dir: Path, wall_time_s: float) -> dict:
         steps = sorted(self.train_rows)
         rows = [self.train_rows[s] for s in steps]
-        steady = [r["tokens_per_s"] for r in rows[1:]] or [r["tokens_per_s"] for r in rows]
-        evals = [self.eval_rows[s] for s in sorted(self.eval_rows)]
+        evals = run_evaluations(output_dir / "metrics.jsonl") or [self.eval_rows[s] for s in sorted(self.eval_rows)]
+        evals = [evals[0], *[e for e in evals[1:] if e["step"] > evals[0]["step"]]] if evals else []
         summary = {
             "steps": steps[-1] if steps else 0,
             "tokens": rows[-1]["tokens_seen"] if rows else 0,
-            "tokens_per_s": statistics.median(steady) if steady else None,
+            "tokens_per_s": trained_tokens_per_s(rows, self.first_steps),
+            "restarts": self.restarts,
             "first_loss": rows[0]["loss"] if rows else None,
             "last_loss": rows[-1]["loss"] if rows else None,
             "eval_loss_before": evals[0]["eval_loss"] if evals else None,
-            "eval_loss_after": evals[-1]["eval_loss"] if evals else None,
+            "eval_loss_after": evals[-1]["eval_loss"] if len(evals) > 1 else None,
             **{f"{key}_{when}": row[key] for key in TASK_METRICS for when, row in
-               (("before", evals[0] if evals else {}), ("after", evals[-1] if evals else {})) if key in row},
+               (("before", evals[0] if evals else {}), ("after", evals[-1] if len(evals) > 1 else {}))
+               if key in row},
             **({"reference_perplexity_change": evals[-1]["reference_perplexity_change"]}
                if evals and "reference_perplexity_change" in evals[-1] else {}),
             "packing_efficiency": (statistics.fmean(fills) if (fills := [r["packing_efficiency"] for r in rows
@@ -130,3 +147,23 @@ class LaunchConsole:
             table.add_row(key.replace("_", " "), text)
         if self.enabled:
             self.console.print(table)
+
+
+def trained_tokens_per_s(rows: list[dict], first_steps: set[int]) -> float | None:
+    """Tokens over seconds of the steps this launch trained (the last attempt's, for replayed steps),
+    leaving out each attempt's first step (start-up and compilation, not speed)."""
+    timed = [r for r in rows if r["step"] not in first_steps and r.get("step_time_s")] or rows
+    seconds = sum(r["step_time_s"] for r in timed if r.get("step_time_s"))
+    return sum(r["tokens_per_s"] * r["step_time_s"] for r in timed if r.get("step_time_s")) / seconds \
+        if seconds else None
+
+
+def run_evaluations(metrics_file: Path) -> list[dict]:
+    """The run's evaluations in step order, from its history (earlier launches of a resumed run too)."""
+    import json
+
+    if not metrics_file.is_file():
+        return []
+    rows = [json.loads(line) for line in metrics_file.read_text().splitlines() if line.strip()]
+    by_step = {r["step"]: r for r in rows if "eval_loss" in r}
+    return [by_step[s] for s in sorted(by_step)]

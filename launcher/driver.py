@@ -6,11 +6,16 @@ output folder is written or a worker started.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
+import re
+import sys
+import tempfile
 import threading
 import time
 import uuid
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -144,15 +149,60 @@ def _trainer(job: Job, queue, control, *, loop=None, name: str | None = None, st
     )
 
 
-def launch(recipe: Recipe, *, source: str, address: str | None = None, resume: str = "auto",
-           console: LaunchConsole | None = None) -> LaunchResult:
-    import ray
-    from ray.util.queue import Queue
+LAUNCH_LOG = "launch.log"
 
+
+@contextlib.contextmanager
+def library_output_to(path: Path | None) -> Iterator[None]:
+    """Send this process's standard error (Ray's forwarded worker logs and tracebacks, library warnings and
+    banners) to ``path``, appending; the console (standard output) keeps tunefleet's own lines. None: no change."""
+    if path is None:
+        yield
+        return
+    sys.stderr.flush()
+    saved = os.dup(2)
+    with path.open("ab") as log:
+        os.dup2(log.fileno(), 2)
+    try:
+        yield
+    finally:
+        sys.stderr.flush()
+        os.dup2(saved, 2)
+        os.close(saved)
+
+
+def launch(recipe: Recipe, *, source: str, address: str | None = None, resume: str = "auto",
+           console: LaunchConsole | None = None, verbose: bool = True) -> LaunchResult:
+    """``verbose``: leave Ray's and the libraries' output on standard error; otherwise it goes to
+    ``<output_dir>/launch.log`` and the console shows tunefleet's lines only."""
     console = console or LaunchConsole(enabled=recipe.logging.console)
     address = address or recipe.cluster.address or os.environ.get("RAY_ADDRESS")
     plan, reason = check_recipe(recipe, source, on_this_machine=address is None)  # before Ray starts
     started = time.time()
+    output_dir = Path(recipe.output_dir)
+    library_log = None if verbose else Path(tempfile.mkstemp(prefix="tunefleet-launch-", suffix=".log")[1])
+    console.ray_log = None if verbose else str(output_dir / LAUNCH_LOG)
+    try:
+        with library_output_to(library_log):
+            return _launch_on_ray(recipe, plan, reason, console, address=address, resume=resume, started=started)
+    finally:
+        if library_log is not None:
+            _keep_log(library_log, output_dir / LAUNCH_LOG)
+
+
+def _keep_log(written: Path, kept: Path) -> None:
+    """Append this launch's library output to the run folder's log (when the run got a folder); drop the temp."""
+    if kept.parent.is_dir() and written.stat().st_size:
+        with kept.open("ab") as out:
+            out.write(written.read_bytes())
+    written.unlink(missing_ok=True)
+
+
+def _launch_on_ray(recipe: Recipe, plan: StrategyPlan, reason: str, console: LaunchConsole, *,
+                   address: str | None, resume: str, started: float) -> LaunchResult:
+    import ray
+    from ray.util.queue import Queue
+
     _connect(recipe, address)
     phases = {"launch": started, "ray_ready": time.time()}
     try:
@@ -256,8 +306,16 @@ def _training_failed(recipe: Recipe, exc: BaseException) -> TrainingFailed:
     hint = f"; `tunefleet launch` again resumes from {resumable}" if resumable else ""
     return TrainingFailed(
         f"training failed after {recipe.fault_tolerance.max_restarts} allowed restart(s): "
-        f"{type(exc).__name__}: {exc}{hint}"
+        f"{type(exc).__name__}: {root_cause(str(exc))}{hint} (Ray's full report: "
+        f"{Path(recipe.output_dir) / LAUNCH_LOG}, or run with --verbose)"
     )
+
+
+def root_cause(report: str) -> str:
+    """The line of a (Ray) error report that names the exception the worker raised, instead of its traceback."""
+    lines = [line.strip() for line in report.splitlines() if line.strip()]
+    raised = [line for line in lines if re.match(r"^[\w.]+(Error|Exception|Interrupt|Exit)\b.*:", line)]
+    return raised[-1] if raised else (lines[0] if lines else "")
 
 
 def _fit(trainer, failure: list[BaseException]) -> None:

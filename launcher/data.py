@@ -106,9 +106,9 @@ def gather_rows(offsets: np.ndarray, rows: np.ndarray) -> tuple[np.ndarray, np.n
 def concat(splits: list[TokenizedSplit]) -> TokenizedSplit:
     """One split holding every row of ``splits`` in order (all of one kind)."""
     first = splits[0]
-    offsets = [np.zeros(1, np.int64)]
-    for split in splits:
-        offsets.append(np.asarray(split.offsets[1:]) + offsets[-1][-1])
+    starts = np.cumsum([0] + [split.num_tokens for split in splits[:-1]])  # where each split's tokens go
+    offsets = [np.zeros(1, np.int64)] + [np.asarray(split.offsets[1:]) + start
+                                         for split, start in zip(splits, starts, strict=True)]
 
     def joined(name):
         return None if getattr(first, name) is None else np.concatenate([getattr(s, name) for s in splits])

@@ -60,6 +60,8 @@ class RowFormatter:
     def __init__(self, source: DataSource, cfg: DataConfig, tokenizer):
         self.format = source.format
         self.names = {field: source.fields.get(field, field) for field in FORMAT_FIELDS[source.format]}
+        # How hints name the source; the eval file (data.eval.path) is read like the first source.
+        self.key = f"data.sources[{cfg.sources.index(source) if source in cfg.sources else 0}]"
         self.roles = source.roles
         self.tokenizer = tokenizer
         self.template = CHAT_TEMPLATES[cfg.chat_template] if cfg.chat_template else None
@@ -84,9 +86,9 @@ class RowFormatter:
             raise BadRow(f"{where}: field `{name}` is empty")
         return value
 
-    def _messages(self, value: Any, field: str, where: str) -> list[dict[str, str]]:
+    def _messages(self, value: Any, field: str, where: str, *, hint: str = "") -> list[dict[str, str]]:
         if not isinstance(value, list) or not value:
-            raise BadRow(f"{where}: field `{field}` must be a non-empty list of messages")
+            raise BadRow(f"{where}: field `{field}` must be a non-empty list of messages{hint}")
         role_key = self.names["role"]
         messages = []
         for i, message in enumerate(value):
@@ -115,10 +117,20 @@ class RowFormatter:
         return [(self._text(row, "text", where) + self.eos, True)]
 
     def _chat_row(self, row: dict, where: str) -> Segments:
-        messages = self._messages(row.get(self.names["messages"]), self.names["messages"], where)
+        name = self.names["messages"]
+        hint = self._fields_hint(row) if row.get(name) is None else ""
+        messages = self._messages(row.get(name), name, where, hint=hint)
         if messages[-1]["role"] != "assistant":
             raise BadRow(f"{where}: the last message of `{self.names['messages']}` must be from the assistant")
         return self._chat_segments(messages, where, first_target=0)
+
+    def _fields_hint(self, row: dict) -> str:
+        """Names a list field of the row that may hold the messages, and the mapping that reads it."""
+        lists = sorted((name for name, value in row.items() if isinstance(value, list) and value),
+                       key=lambda name: not all(isinstance(item, dict) for item in row[name]))  # messages first
+        if not lists:
+            return ""
+        return f"; the row has a list field `{lists[0]}`: map it with {self.key}.fields: {{messages: {lists[0]}}}"
 
     def _classification_row(self, row: dict, where: str) -> tuple[str, int]:
         text = self._text(row, "text", where)

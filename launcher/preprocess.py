@@ -39,29 +39,44 @@ from tunefleet.launcher.sources import BadRow, Located, file_digest, read_source
 
 CACHE_VERSION = "2"
 CHUNK_ROWS = 2048
-_NUM_SKIP_EXAMPLES = 3
+NUM_NAMED_BAD_ROWS = 20  # errors and reports name this many bad rows, then give the count
 
 
 @dataclass
 class Counts:
-    """What happened to the rows of one source."""
+    """What happened to the rows of one source; ``bad_rows`` names the first of the ``skipped`` ones."""
 
     read: int = 0
     kept: int = 0
     skipped: int = 0
     truncated: int = 0
     dropped: int = 0
-    skip_examples: list[str] = field(default_factory=list)
+    bad_rows: list[str] = field(default_factory=list)
 
     def add(self, other: Counts) -> None:
         for name in ("read", "kept", "skipped", "truncated", "dropped"):
             setattr(self, name, getattr(self, name) + getattr(other, name))
-        self.skip_examples = (self.skip_examples + other.skip_examples)[:_NUM_SKIP_EXAMPLES]
+        self.bad_rows = (self.bad_rows + other.bad_rows)[:NUM_NAMED_BAD_ROWS]
+
+
+def named_bad_rows(bad_rows: list[str], num_bad: int) -> list[str]:
+    """Lines naming the first bad rows (``file:line: reason``), then how many there are in all."""
+    lines = [f"  - {reason}" for reason in bad_rows]
+    if num_bad > len(bad_rows):
+        lines.append(f"  ... and {num_bad - len(bad_rows):,} more ({_bad_rows(num_bad)} in all)")
+    return lines
+
+
+def _bad_rows(num: int) -> str:
+    return "1 bad row" if num == 1 else f"{num:,} bad rows"
+
+
+Encoded = tuple[TokenizedSplit, Counts]  # one source's rows, tokenized, and what happened to them
 
 
 # --------------------------------------------------------------------------- tokenizing
 def encode_chunk(formatter: RowFormatter, cfg: DataConfig, chunk: list[Located]) -> tuple[TokenizedSplit, Counts]:
-    """Format and tokenize rows; bad rows raise or are skipped per ``data.on_bad_row``."""
+    """Format and tokenize rows; bad rows are counted and named (raising is the caller's, once for all rows)."""
     counts, examples = Counts(read=len(chunk)), []
     for where, row in chunk:
         try:
@@ -69,10 +84,9 @@ def encode_chunk(formatter: RowFormatter, cfg: DataConfig, chunk: list[Located])
                 raise row
             examples.append(formatter(row, where))
         except BadRow as exc:
-            if cfg.on_bad_row == "error":
-                raise DataError(f"{exc}; fix the row or set data.on_bad_row: skip") from None
             counts.skipped += 1
-            counts.skip_examples = (counts.skip_examples + [str(exc)])[:_NUM_SKIP_EXAMPLES]
+            if len(counts.bad_rows) < NUM_NAMED_BAD_ROWS:
+                counts.bad_rows.append(str(exc))
     groups = [[ex.prompt + ex.chosen, ex.prompt + ex.rejected] if isinstance(ex, Pair) else [ex] for ex in examples]
     encoded = iter(_encode([seq for group in groups for seq in group], formatter.tokenizer, cfg))
     rows, classes = [], [] if cfg.kind == "classification" else None
@@ -145,6 +159,13 @@ def _encode_in_worker(chunk: list[Located]) -> tuple[TokenizedSplit, Counts]:
 
 
 def encode_source(source: DataSource, cfg: DataConfig, tokenizer) -> tuple[TokenizedSplit, Counts]:
+    """Every row of one source, tokenized; with ``data.on_bad_row: error``, every bad row in one error."""
+    encoded = _encode_source(source, cfg, tokenizer)
+    _raise_bad_rows(cfg, [encoded[1]])
+    return encoded
+
+
+def _encode_source(source: DataSource, cfg: DataConfig, tokenizer) -> tuple[TokenizedSplit, Counts]:
     """Every row of one source, tokenized (in ``data.num_proc`` processes for more than one chunk).
 
     The processes are forked: they start at once and inherit the formatter, where
@@ -185,53 +206,88 @@ def _mix(split: TokenizedSplit, weight: float, seed: list[int]) -> TokenizedSpli
 
 def build_splits(cfg: DataConfig, tokenizer, seed: int) -> tuple[dict[str, TokenizedSplit], dict]:
     """({train, eval, reference} splits, those present; meta): everything ``prepare`` writes."""
-    encoded = [encode_source(source, cfg, tokenizer) for source in cfg.sources]
-    parts, evaluation, eval_counts = [split for split, _ in encoded], None, None
-    if cfg.eval and cfg.eval.path:
-        eval_source = cfg.sources[0].model_copy(update={"path": cfg.eval.path, "dataset": None, "weight": 1.0})
-        evaluation, eval_counts = encode_source(eval_source, cfg, tokenizer)
-    elif cfg.eval and cfg.eval.fraction:
+    encoded, held_out = _encode_all(cfg, tokenizer)
+    parts = [split for split, _ in encoded]
+    evaluation = held_out["eval"][0] if "eval" in held_out else None
+    reference = held_out["reference"][0] if "reference" in held_out else None
+    if cfg.eval and cfg.eval.fraction:
         held = [_hold_out(split, cfg.eval.fraction, [seed, i]) for i, split in enumerate(parts)]
         parts, evaluation = [t for t, _ in held], concat([e for _, e in held])
     mixed = [_mix(split, source.weight, [seed, i])
              for i, (split, source) in enumerate(zip(parts, cfg.sources, strict=True))]
     train = concat(mixed)
-    _check_not_empty(cfg, train, evaluation, encoded)
+    _check_not_empty(train, evaluation)
     if cfg.packing:
         train = pack(train, cfg.max_seq_len)
         evaluation = pack(evaluation, cfg.max_seq_len) if evaluation is not None else None
     sources = [{"source": s.display_name, **asdict(c), "epoch_rows": m.num_examples}
                for s, (_, c), m in zip(cfg.sources, encoded, mixed, strict=True)]
-    if eval_counts is not None:
-        sources.append({"source": f"{cfg.eval.path} (eval)", **asdict(eval_counts), "epoch_rows": 0})
-    splits = {"train": train, "eval": evaluation}
-    if cfg.eval and cfg.eval.reference_data:
-        splits["reference"], reference_counts = encode_reference(cfg, tokenizer)
-        sources.append({"source": f"{cfg.eval.reference_data} (reference)", **asdict(reference_counts),
-                        "epoch_rows": 0})
+    for name, (_, counts) in held_out.items():
+        path = cfg.eval.path if name == "eval" else cfg.eval.reference_data
+        sources.append({"source": f"{path} ({name})", **asdict(counts), "epoch_rows": 0})
     meta = _meta(cfg, train, evaluation, sources, sum(m.num_examples for m in mixed))
-    if "reference" in splits:
-        meta.update(reference_rows=splits["reference"].num_examples, reference_tokens=splits["reference"].num_tokens)
+    if reference is not None:
+        meta.update(reference_rows=reference.num_examples, reference_tokens=reference.num_tokens)
+    splits = {"train": train, "eval": evaluation, "reference": reference}
     return {name: split for name, split in splits.items() if split is not None}, meta
 
 
-def encode_reference(cfg: DataConfig, tokenizer) -> tuple[TokenizedSplit, Counts]:
-    """``data.eval.reference_data`` as unpacked `text` rows, every token a target (for its perplexity)."""
-    source = DataSource(path=cfg.eval.reference_data, format="text")
-    reference, counts = encode_source(source, cfg.model_copy(update={"sources": [source], "train_on_prompt": False}),
-                                      tokenizer)
-    if reference.num_examples == 0:
+def _encode_all(cfg: DataConfig, tokenizer) -> tuple[list[Encoded], dict[str, Encoded]]:
+    """Every source, then the eval file and reference text ({"eval"/"reference": encoded}), checked together.
+
+    All of them are read before any check, so one error names the bad rows of
+    every file; a source left without rows is named with the reasons its rows
+    were skipped.
+    """
+    encoded = [_encode_source(source, cfg, tokenizer) for source in cfg.sources]
+    held_out = {}
+    if cfg.eval and cfg.eval.path:
+        eval_source = cfg.sources[0].model_copy(update={"path": cfg.eval.path, "dataset": None, "weight": 1.0})
+        held_out["eval"] = _encode_source(eval_source, cfg, tokenizer)
+    if cfg.eval and cfg.eval.reference_data:
+        held_out["reference"] = _encode_reference(cfg, tokenizer)
+    _raise_bad_rows(cfg, [counts for _, counts in encoded + list(held_out.values())])
+    _check_sources_not_empty(cfg, encoded)
+    if "reference" in held_out and held_out["reference"][0].num_examples == 0:
         raise DataError(f"data.eval.reference_data: no rows left in {cfg.eval.reference_data}; "
                         "point it at a non-empty text file")
-    return reference, counts
+    return encoded, held_out
 
 
-def _check_not_empty(cfg: DataConfig, train: TokenizedSplit, evaluation, encoded) -> None:
-    if train.num_examples == 0:
-        counts = "; ".join(f"{s.display_name}: {c.read} read, {c.skipped} skipped, {c.dropped} dropped"
-                           for s, (_, c) in zip(cfg.sources, encoded, strict=True))
-        raise DataError(f"no training rows are left ({counts}); add data or check data.max_seq_len, "
-                        "data.overlong and data.on_bad_row")
+def _encode_reference(cfg: DataConfig, tokenizer) -> Encoded:
+    """``data.eval.reference_data`` as unpacked `text` rows, every token a target (for its perplexity)."""
+    source = DataSource(path=cfg.eval.reference_data, format="text")
+    return _encode_source(source, cfg.model_copy(update={"sources": [source], "train_on_prompt": False}), tokenizer)
+
+
+def _raise_bad_rows(cfg: DataConfig, counts: list[Counts]) -> None:
+    """With ``data.on_bad_row: error``, one error naming the first bad rows of all ``counts``, and their number."""
+    total = Counts()
+    for part in counts:
+        total.add(part)
+    if cfg.on_bad_row == "error" and total.skipped:
+        them = "it" if total.skipped == 1 else "them"
+        raise DataError("\n".join([f"{_bad_rows(total.skipped)}; fix {them} or set data.on_bad_row: skip to "
+                                   f"leave {them} out:", *named_bad_rows(total.bad_rows, total.skipped)]))
+
+
+def _check_sources_not_empty(cfg: DataConfig, encoded: list[Encoded]) -> None:
+    """Every source left without rows (bad and skipped, too long, or none at all), with its reasons."""
+    lines = []
+    for i, (source, (_, counts)) in enumerate(zip(cfg.sources, encoded, strict=True)):
+        if counts.kept == 0:
+            lines.append(f"no training rows left in data.sources[{i}] ({source.display_name}): {counts.read} read, "
+                         f"{counts.skipped} skipped, {counts.dropped} dropped"
+                         + ("; first reasons:" if counts.bad_rows else ""))
+            lines += named_bad_rows(counts.bad_rows, counts.skipped)
+    if lines:
+        raise DataError("\n".join(lines + ["fix the rows (or the source's fields, format), or check "
+                                           "data.max_seq_len and data.overlong"]))
+
+
+def _check_not_empty(train: TokenizedSplit, evaluation: TokenizedSplit | None) -> None:
+    if train.num_examples == 0:  # every source has rows: the eval fraction took them all
+        raise DataError("no training rows are left once data.eval.fraction is held out; add data or lower it")
     if evaluation is not None and evaluation.num_examples == 0:
         raise DataError("the eval split has no rows left; fix data.eval or remove it")
 
@@ -246,9 +302,9 @@ def _meta(cfg: DataConfig, train: TokenizedSplit, evaluation: TokenizedSplit | N
         "epoch_examples": epoch_examples,
         "eval_rows": evaluation.num_examples if evaluation is not None else 0,
         "eval_tokens": evaluation.num_tokens if evaluation is not None else 0,
-        **totals, "skipped_examples": [e for s in sources for e in s["skip_examples"]][:_NUM_SKIP_EXAMPLES],
+        **totals, "skipped_examples": [e for s in sources for e in s["bad_rows"]][:NUM_NAMED_BAD_ROWS],
         "packing_efficiency": round(packing_efficiency(train, cfg.max_seq_len), 4),
-        "sources": [{k: v for k, v in s.items() if k != "skip_examples"} for s in sources],
+        "sources": [{k: v for k, v in s.items() if k != "bad_rows"} for s in sources],
     }
 
 
@@ -358,5 +414,7 @@ def render_report(report: dict, console) -> None:
         value = report[key]
         totals.add_row(key.replace("_", " "), f"{value:,}" if type(value) is int else str(value))
     console.print(totals)
-    for example in report["skipped_examples"]:
-        console.print(f"skipped: {example}", highlight=False, soft_wrap=True)
+    if report["skipped"]:
+        console.print(f"skipped {_bad_rows(report['skipped'])} (data.on_bad_row: skip):", highlight=False)
+        for line in named_bad_rows(report["skipped_examples"], report["skipped"]):
+            console.print(line, highlight=False, soft_wrap=True, markup=False)

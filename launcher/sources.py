@@ -72,7 +72,8 @@ def read_source(source: DataSource) -> Iterator[Located]:
 
 def _read_jsonl(file: Path) -> Iterator[Located]:
     with file.open(encoding="utf-8") as handle:
-        for line_no, line in enumerate(handle, start=1):
+        for line_no, raw in enumerate(handle, start=1):
+            line = raw.rstrip("\n")  # with the newline, a row cut short fails at column 1 of the next line
             if not line.strip():
                 continue
             where = f"{file}:{line_no}"

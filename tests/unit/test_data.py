@@ -121,3 +121,11 @@ def test_splits_round_trip_through_memory_mapped_files(tmp_path):
     joined = data.concat([split, loaded.take([1])])
     assert joined.num_examples == 3 and joined.row(5)[0].tolist() == [300, 301]
     assert isinstance(data.collate(joined, [2], pad_id=0)["input_ids"], torch.Tensor)
+
+
+def test_concat_passes_over_empty_splits():
+    empty = make_split([2]).take([])
+    joined = data.concat([empty, make_split([2, 3]), empty, make_split([1]).take([0]), empty])
+    assert joined.offsets.tolist() == [0, 2, 5, 6]
+    assert [joined.row(i)[0].tolist() for i in range(3)] == [[0, 1], [100, 101, 102], [0]]
+    assert data.concat([empty, empty]).num_examples == 0

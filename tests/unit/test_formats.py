@@ -149,7 +149,7 @@ def test_preference_pairs_as_text_and_as_conversation(tokenizer, tmp_path):
 ])
 def test_bad_alpaca_rows_name_file_line_and_field(tokenizer, tmp_path, row, message):
     path = write_jsonl(tmp_path / "bad.jsonl", [{"instruction": "ok", "output": "ok"}, row])
-    with pytest.raises(DataError, match=message + ".*data.on_bad_row: skip"):
+    with pytest.raises(DataError, match="(?s)^1 bad row; fix it or set data.on_bad_row: skip.*" + message + "$"):
         encode(tokenizer, path)
 
 
@@ -161,6 +161,51 @@ def test_unknown_role_and_invalid_json_are_named(tokenizer, tmp_path):
     broken.write_text('{"instruction": "a", "output": "b"}\n{not json}\n')
     with pytest.raises(DataError, match=r"b.jsonl:2: invalid JSON"):
         encode(tokenizer, broken)
+
+
+def test_invalid_json_names_the_column_in_the_line(tokenizer, tmp_path):
+    cut = '{"instruction": "Add 1 and 1.", "output": "2"'  # cut short: the JSON ends at column 45
+    broken = tmp_path / "b.jsonl"
+    broken.write_text(f'{cut}\n{{"instruction": "a" "output": "b"}}\n')
+    with pytest.raises(DataError) as raised:
+        encode(tokenizer, broken)
+    assert f"b.jsonl:1: invalid JSON (Expecting ',' delimiter at column {len(cut) + 1})" in str(raised.value)
+    assert "b.jsonl:2: invalid JSON (Expecting ',' delimiter at column 21)" in str(raised.value)
+
+
+def test_every_bad_row_is_named_in_one_pass_the_first_20_then_the_count(tokenizer, tmp_path):
+    rows = [json.dumps({"instruction": f"q{i}", "output": "a"}) if i % 3 == 0 else
+            json.dumps({"instruction": f"q{i}"}) if i % 3 == 1 else "{cut" for i in range(1, 40)]
+    path = tmp_path / "many.jsonl"
+    path.write_text("\n".join(rows) + "\n")
+    with pytest.raises(DataError) as raised:
+        encode(tokenizer, path)
+    message = str(raised.value)
+    assert message.startswith("26 bad rows; fix them or set data.on_bad_row: skip")
+    named = [line for line in message.splitlines() if "many.jsonl:" in line]
+    bad_lines = [n for n in range(1, 40) if n % 3]
+    assert [line.split("many.jsonl:")[1].split(":")[0] for line in named] == [str(n) for n in bad_lines[:20]]
+    assert "many.jsonl:1: field `output` missing" in message and "many.jsonl:5: invalid JSON" in message
+    assert message.splitlines()[-1].strip() == "... and 6 more (26 bad rows in all)"
+
+
+@pytest.mark.parametrize("index", [0, 1])
+def test_chat_rows_without_messages_point_at_the_fields_mapping(tokenizer, tmp_path, index):
+    good = write_jsonl(tmp_path / "good.jsonl", [{"messages": CHAT}])
+    path = write_jsonl(tmp_path / "conv.jsonl", [{"id": 7, "tags": ["x"], "conversation": CHAT}])
+    chat = [DataSource(path=str(good), format="chat") for _ in range(2)]
+    chat[index] = DataSource(path=str(path), format="chat")
+    cfg = DataConfig(sources=chat, max_seq_len=128)
+    with pytest.raises(DataError) as raised:
+        encode_source(cfg.sources[index], cfg, tokenizer)
+    assert ("conv.jsonl:1: field `messages` must be a non-empty list of messages; the row has a list field "
+            f"`conversation`: map it with data.sources[{index}].fields: {{messages: conversation}}"
+            ) in str(raised.value)
+    no_lists = write_jsonl(tmp_path / "plain.jsonl", [{"id": 7, "text": "hi"}])
+    with pytest.raises(DataError) as raised:
+        encode(tokenizer, no_lists, "chat")
+    assert "plain.jsonl:1: field `messages` must be a non-empty list of messages" in str(raised.value)
+    assert "map it with" not in str(raised.value)
 
 
 def test_json_csv_and_parquet_rows_are_named_by_row(tokenizer, tmp_path):
@@ -181,7 +226,7 @@ def test_skipped_rows_are_counted_with_examples(tokenizer, tmp_path):
                     '{"instruction": "d", "output": "e"}\n')
     split, counts = encode(tokenizer, path, on_bad_row="skip")
     assert (len(split), counts.read, counts.kept, counts.skipped) == (2, 4, 2, 2)
-    assert "mixed.jsonl:2: invalid JSON" in counts.skip_examples[0]
+    assert "mixed.jsonl:2: invalid JSON" in counts.bad_rows[0] and "mixed.jsonl:3: field `output`" in counts.bad_rows[1]
 
 
 def test_a_folder_source_reads_every_supported_file_in_order(tokenizer, tmp_path):

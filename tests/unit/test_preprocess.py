@@ -111,8 +111,54 @@ def test_packing_is_reported_and_both_splits_are_packed(tokenizer, tokenizer_dir
 def test_no_rows_left_is_an_error_before_any_worker(tokenizer, tokenizer_dir, tmp_path):
     path = tmp_path / "bad.jsonl"
     path.write_text('{"instruction": "a"}\n{"oops": 1}\n')
-    with pytest.raises(DataError, match=r"no training rows are left \(.*bad.jsonl: 2 read, 2 skipped"):
+    with pytest.raises(DataError, match=r"no training rows left in data.sources\[0\] \(.*bad.jsonl\): 2 read, 2 "):
         prepare(tmp_path, tokenizer, tokenizer_dir, DataSource(path=str(path)), on_bad_row="skip")
+
+
+def test_a_source_left_without_rows_is_a_clear_error_and_nothing_is_cached(tokenizer, tokenizer_dir, tmp_path):
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"instruction": "a"}\n{"oops": 1}\n{"instruction": "b", "output": "c"\n')
+    good = DataSource(path=str(write_rows(tmp_path / "good.jsonl", range(5))))
+    with pytest.raises(DataError) as raised:
+        prepare(tmp_path, tokenizer, tokenizer_dir, DataSource(path=str(bad)), good, on_bad_row="skip")
+    assert str(raised.value).splitlines() == [
+        f"no training rows left in data.sources[0] ({bad}): 3 read, 3 skipped, 0 dropped; first reasons:",
+        f"  - {bad}:1: field `output` missing",
+        f"  - {bad}:2: field `instruction` missing",
+        f"  - {bad}:3: invalid JSON (Expecting ',' delimiter at column 35)",
+        "fix the rows (or the source's fields, format), or check data.max_seq_len and data.overlong",
+    ]
+    assert not (tmp_path / "cache").exists() or not any((tmp_path / "cache").iterdir())
+
+
+def test_bad_rows_of_every_source_and_the_eval_file_are_named_together(tokenizer, tokenizer_dir, tmp_path):
+    first, second, held_out = (write_rows(tmp_path / f"{name}.jsonl", range(3)) for name in ("a", "b", "eval"))
+    for path in (first, second, held_out):
+        path.write_text(path.read_text() + '{"instruction": "x"}\n')
+    with pytest.raises(DataError) as raised:
+        prepare(tmp_path, tokenizer, tokenizer_dir, DataSource(path=str(first)), DataSource(path=str(second)),
+                eval={"path": str(held_out)})
+    assert str(raised.value).splitlines() == [
+        "3 bad rows; fix them or set data.on_bad_row: skip to leave them out:",
+        *(f"  - {path}:4: field `output` missing" for path in (first, second, held_out))]
+    assert not (tmp_path / "cache").exists() or not any((tmp_path / "cache").iterdir())
+
+
+def test_skipped_rows_are_summarised_the_first_20_then_the_count(tmp_path):
+    path = write_rows(tmp_path / "rows.jsonl", range(10))
+    path.write_text(path.read_text() + "".join(f'{{"instruction": "q{i}"}}\n' for i in range(25)))
+    recipe = load_recipe(REPO / "recipes" / "tiny" / "llama-lora-ddp.yaml",
+                         [f"data.cache_dir={tmp_path / 'cache'}", f"data.sources=[{{path: {path}}}]",
+                          "data.eval=null", "data.on_bad_row=skip"])
+    report = preprocess.preprocess_report(recipe)
+    assert report["skipped"] == 25 and report["train_rows"] == 10
+    assert report["skipped_examples"] == [f"{path}:{n}: field `output` missing" for n in range(11, 31)]
+    console = Console(file=io.StringIO(), width=300)
+    preprocess.render_report(report, console)
+    lines = console.file.getvalue().splitlines()
+    start = lines.index("skipped 25 bad rows (data.on_bad_row: skip):")
+    assert lines[start + 1:] == [f"  - {e}" for e in report["skipped_examples"]] + [
+        "  ... and 5 more (25 bad rows in all)"]
 
 
 def test_parallel_tokenization_gives_the_same_arrays(tokenizer, tokenizer_dir, tmp_path, monkeypatch):

@@ -9,6 +9,7 @@ from typing import Annotated
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
 
 from tunefleet.launcher.errors import RecipeError, TrainingFailed, UserError
@@ -108,7 +109,7 @@ def validate(recipes: Annotated[list[Path], typer.Argument(help="Recipe files.",
             out.print(f"[green]ok[/] {path}")
         except RecipeError as exc:
             failed = True
-            err.print(f"[red]invalid[/] {exc}", highlight=False, soft_wrap=True)
+            err.print(f"[red]invalid[/] {escape(str(exc))}", highlight=False, soft_wrap=True)
     if failed:
         raise typer.Exit(2)
 
@@ -212,7 +213,7 @@ def main() -> None:
     try:
         app()
     except (UserError, TrainingFailed) as exc:
-        err.print(f"[red]error:[/] {exc}", highlight=False, soft_wrap=True)
+        err.print(f"[red]error:[/] {escape(str(exc))}", highlight=False, soft_wrap=True)
         sys.exit(exc.exit_code)
     except KeyboardInterrupt:
         err.print("interrupted")

@@ -110,6 +110,8 @@ def attach_adapter(model: torch.nn.Module, method: MethodConfig, cfg: ModelConfi
 
     if method.kind == "qlora":
         model = peft.prepare_model_for_kbit_training(model, use_gradient_checkpointing=False)
+    if not getattr(model, "name_or_path", None):  # built from a config: peft would record None and warn
+        model.name_or_path = path
     model = peft.get_peft_model(model, peft_config(method, cfg.task, path))
     if method.kind == "prompt_tuning" and cfg.task == "causal_lm":
         model.register_forward_hook(_drop_virtual_positions, with_kwargs=True)

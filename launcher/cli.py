@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import sys
+import time
 from pathlib import Path
 from typing import Annotated
 
@@ -26,6 +27,13 @@ app = typer.Typer(
 )
 out = Console()
 err = Console(stderr=True)
+PIPED_WIDTH = 10_000  # columns for tables written to a file or a pipe: as wide as they need, never cut
+
+
+def table_out() -> Console:
+    """``out`` on a terminal; piped (a file, grep), a console so wide that no table cell is cut."""
+    return out if out.is_terminal else Console(width=PIPED_WIDTH)
+
 
 SetOption = Annotated[
     list[str] | None,
@@ -90,7 +98,7 @@ def plan(
         data = json.loads(output)
         sys.stdout.write(json.dumps({**data, "forecast": forecast} if forecast else data, indent=2) + "\n")
         return
-    out.print(output)
+    table_out().print(output)
     if forecast:
         out.print(f"forecast from {forecast['measured_steps']} measured steps: {forecast['step_time_s']} s/step, "
                   f"{forecast['tokens_per_s']:,.0f} tokens/s; {forecast['tokens_to_train']:,} tokens to train; "
@@ -98,14 +106,18 @@ def plan(
 
 
 @app.command()
-def validate(recipes: Annotated[list[Path], typer.Argument(help="Recipe files.", show_default=False)]) -> None:
-    """Check recipes (schema, files, layout); list every problem. Exit 0 valid, 2 invalid."""
+def validate(
+    recipes: Annotated[list[Path], typer.Argument(help="Recipe files.", show_default=False)],
+    overrides: SetOption = None,
+) -> None:
+    """Check recipes (schema, files, layout), with --set applied to each; list every problem. Exit 0 valid,
+    2 invalid."""
     from tunefleet.launcher.driver import check_recipe
 
     failed = False
     for path in recipes:
         try:
-            check_recipe(load_recipe(path), str(path))
+            check_recipe(load_recipe(path, overrides or []), str(path))
             out.print(f"[green]ok[/] {path}")
         except RecipeError as exc:
             failed = True
@@ -146,19 +158,20 @@ def init(
 
 @app.command("runs")
 def list_runs(folder: Annotated[Path, typer.Argument(help="A run folder or a folder of runs.")] = Path("runs")) -> None:
-    """List runs with their state (running, finished, stopped early, failed, preempted), last step, checkpoint,
-    restarts."""
+    """List runs with their folder, start of the latest launch, state (running, finished, stopped early, failed,
+    preempted), last step, checkpoint, restarts."""
     from tunefleet.launcher.runs import find_runs
 
     found = find_runs(folder) if folder.exists() else []
     if not found:
         raise UserError(f"no runs under {folder}; pass the output_dir of a launch or a folder holding several")
-    table = Table("run", "state", "step", "loss", "last checkpoint", "restarts", show_edge=False)
+    table = Table("run", "folder", "started", "state", "step", "loss", "last checkpoint", "restarts", show_edge=False)
     for run in found:
         loss = f"{run['last_loss']:.4f}" if run["last_loss"] is not None else "-"
-        table.add_row(run["name"], run["state"], f"{run['last_step']}/{run['max_steps']}", loss,
+        started = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(run["started"])) if run["started"] else "-"
+        table.add_row(run["name"], run["run"], started, run["state"], f"{run['last_step']}/{run['max_steps']}", loss,
                       run["last_checkpoint"] or "-", str(run["restarts"]))
-    out.print(table)
+    table_out().print(table)
 
 
 @app.command("preprocess")

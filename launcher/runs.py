@@ -1,5 +1,6 @@
 """Run folders: the driver records its state in ``run.json``; ``tunefleet runs``
-lists the runs under a folder with state, last step, checkpoint and restarts."""
+lists the runs under a folder with their folder, start, state, last step,
+checkpoint and restarts."""
 
 from __future__ import annotations
 
@@ -17,10 +18,13 @@ STATES = ("running", "finished", "stopped early", "failed", "preempted")
 
 
 def record_state(output_dir: str | Path, state: str, **extra) -> None:
+    """Merge ``state`` into run.json; "running" (each launch) also sets ``started``."""
     assert state in STATES
     path = Path(output_dir) / RUN_FILE
     previous = json.loads(path.read_text()) if path.is_file() else {}
-    record = {**previous, "state": state, "pid": os.getpid(), "updated": round(time.time(), 1), **extra}
+    now = round(time.time(), 1)
+    started = {"started": now} if state == "running" else {}
+    record = {**previous, "state": state, "pid": os.getpid(), "updated": now, **started, **extra}
     tmp = path.with_suffix(".tmp")
     tmp.write_text(json.dumps(record, indent=2))
     tmp.replace(path)
@@ -54,7 +58,8 @@ def describe(run_dir: Path) -> dict:
     ckpt_root = record.get("checkpoint_dir") or run_dir / "checkpoints"
     latest = checkpoint.latest(ckpt_root)
     return {
-        "run": str(run_dir), "name": record.get("name", run_dir.name), "state": state,
+        "run": str(run_dir), "name": record.get("name", run_dir.name), "started": record.get("started"),
+        "state": state,
         "last_step": last.get("step", 0), "max_steps": record.get("max_steps"),
         "last_loss": last.get("loss"), "last_checkpoint": latest.name if latest else None,
         "restarts": last.get("restarts", 0),

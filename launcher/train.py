@@ -88,7 +88,9 @@ def run(job: Job, reporter: Reporter, control=None, node: str | None = None) -> 
     startup["strategy_ready"] = time.time()
     num_params = sum(getattr(p, "ds_numel", p.numel()) for p in strategy.unwrapped.parameters())
     num_trainable = sum(getattr(p, "ds_numel", p.numel()) for p in strategy.unwrapped.parameters() if p.requires_grad)
-    peak_flops = throughput.device_peak_flops(device)
+    peak_flops = throughput.device_peak(device, plan.mixed_precision)
+    if rank == 0:
+        throughput.record_peak(recipe.output_dir, peak_flops)
     model_config = getattr(strategy.unwrapped, "config", None)
 
     # Data: memory-mapped token arrays prepared once by the driver.
@@ -176,7 +178,7 @@ def run(job: Job, reporter: Reporter, control=None, node: str | None = None) -> 
                 "grad_norm": result.grad_norm, "tokens_per_s": result.num_input_tokens / step_time_s,
                 "tokens_per_s_per_worker": result.num_input_tokens / step_time_s / world_size,
                 "samples_per_s": rows / step_time_s, "step_time_s": step_time_s, "tokens_seen": tokens_seen,
-                "mfu": flops / step_time_s / (peak_flops * world_size) if peak_flops else None,
+                "mfu": throughput.mfu(flops, step_time_s, peak_flops, world_size),
                 "packing_efficiency": batch_fill(micro_batches), "restarts": restarts,
                 **result.metrics(), **memory_per_rank(strategy, device),
             })

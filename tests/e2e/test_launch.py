@@ -49,6 +49,10 @@ def test_full_finetune_trains_and_exports(full_run):
     out, result = full_run
     check_run(out)
     assert "tunefleet run summary" in result.stdout
+    # the console holds tunefleet's header, progress and summary; Ray's and the libraries' chatter is in the log
+    chatter = ("Warning", "WARNING", "wandb:", "core_worker", "Traceback", "(RayTrainWorker")
+    assert not [line for line in (result.stdout + result.stderr).splitlines() if any(c in line for c in chatter)]
+    assert len(result.stdout.splitlines()) < 45, result.stdout
     model = AutoModelForCausalLM.from_pretrained(out / "final")
     AutoTokenizer.from_pretrained(out / "final")
     assert torch.isfinite(final_eval_logits(model)).all()

@@ -45,3 +45,29 @@ def test_startup_breakdown_splits_the_time_to_the_first_step(tmp_path):
     parts = startup_breakdown({"launch": 0.0, "ray_ready": 4.0, "job_prepared": 9.0}, worker)
     assert parts == {"ray_start": 4.0, "job_preparation": 5.0, "worker_group_start": 11.0, "preflight": 1.0,
                      "model_load": 4.0, "strategy_setup": 2.5, "first_step": 2.5, "total": 30.0}
+
+
+
+def test_runs_that_share_a_recipe_name_are_told_apart_by_folder_and_start(tmp_path):
+    import time
+
+    from typer.testing import CliRunner
+
+    from tunefleet.launcher.cli import app
+
+    starts = {"lr-1e-4": 1_700_000_000.0, "lr-3e-4": 1_700_003_600.0}
+    for folder, started in starts.items():
+        (tmp_path / folder).mkdir()
+        runs.record_state(tmp_path / folder, "running", name="sft", max_steps=5)
+        record = json.loads((tmp_path / folder / "run.json").read_text())
+        assert abs(record["started"] - time.time()) < 60
+        (tmp_path / folder / "run.json").write_text(json.dumps({**record, "started": started}))
+        runs.record_state(tmp_path / folder, "finished")  # a later state keeps the start
+    assert [(r["name"], r["started"]) for r in runs.find_runs(tmp_path)] == [("sft", s) for s in starts.values()]
+
+    listed = CliRunner().invoke(app, ["runs", str(tmp_path)])  # stdout is not a terminal: full width
+    assert listed.exit_code == 0, listed.output
+    assert "folder" in listed.output and "started" in listed.output and "…" not in listed.output
+    for folder, started in starts.items():
+        line = next(line for line in listed.output.splitlines() if str(tmp_path / folder) in line)
+        assert time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(started)) in line

@@ -123,7 +123,13 @@ def _connect(recipe: Recipe, address: str | None) -> None:
     ray.init(num_cpus=max(os.cpu_count() or 1, needed), logging_level="WARNING")
 
 
-def _trainer(job: Job, queue, control, *, loop=None, name: str | None = None, storage_path: str | None = None):
+def secret_store():
+    """With Ray up: the actor that hands the forwarded secrets to the workers (None without secrets)."""
+    return secrets.store(_forwarded()[1], scheduling_strategy=_head_node_affinity())
+
+
+def _trainer(job: Job, queue, control, *, loop=None, name: str | None = None, storage_path: str | None = None,
+             secret_store=None):
     """The recipe's Ray Train worker group running ``loop`` (default: training) with ``job``."""
     from ray.train import FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchConfig, TorchTrainer
@@ -134,7 +140,7 @@ def _trainer(job: Job, queue, control, *, loop=None, name: str | None = None, st
     return TorchTrainer(
         loop or train_loop_per_worker,
         train_loop_config={"job": job, "queue": queue, "control": control,
-                           "secrets": secrets.store(_forwarded()[1], scheduling_strategy=_head_node_affinity())},
+                           "secrets": secret_store},
         torch_config=TorchConfig(backend=process_group_backend(par.use_gpu), timeout_s=par.collective_timeout_s),
         scaling_config=ScalingConfig(
             num_workers=(par.min_workers, par.world_size) if par.min_workers else par.world_size,
@@ -220,7 +226,8 @@ def _launch_on_ray(recipe: Recipe, plan: StrategyPlan, reason: str, console: Lau
         control = Control.options(**on_head).remote()
         forward_signals_to(control, on_signal=lambda _: _exit_after_grace(recipe, console))
         failure: list[BaseException] = []
-        thread = threading.Thread(target=_fit, args=(_trainer(job, queue, control), failure), daemon=True)
+        trainer = _trainer(job, queue, control, secret_store=secret_store())
+        thread = threading.Thread(target=_fit, args=(trainer, failure), daemon=True)
         thread.start()
         tracker = WandbRun(recipe.logging.wandb, output_dir=str(output_dir), run_id=job.wandb_run_id,
                            name=recipe.name, config=recipe.model_dump(mode="json"))

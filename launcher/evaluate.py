@@ -262,7 +262,7 @@ def run_eval(path: Path, data_file: Path, *, metrics: list[str], recipe_file: Pa
                       data_dir=str(data_dir))
         queue = Queue(maxsize=100, actor_options={"num_cpus": 0, "scheduling_strategy": driver._head_node_affinity()})
         trainer = driver._trainer(job, queue, None, loop=eval_loop_per_worker, name=f"{recipe.name}-eval",
-                                  storage_path=str(storage))
+                                  storage_path=str(storage), secret_store=driver.secret_store())
         failure: list[BaseException] = []
         thread = threading.Thread(target=driver._fit, args=(trainer, failure), daemon=True)
         thread.start()

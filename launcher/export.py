@@ -8,7 +8,8 @@ checkpoint (``step`` or the latest) and writes, with no process group and no Ray
   the generation config and the tokenizer;
 - adapters (LoRA, QLoRA, IA3, prefix and prompt tuning): a PEFT adapter folder
   (``adapter_config.json``, ``adapter_model.safetensors``) and the tokenizer; with
-  ``merge_lora`` (plain LoRA) the full model with the adapters merged in.
+  ``merge_lora`` (plain LoRA) the full model with the adapters merged in; a LoRA run
+  that kept no checkpoint merges its ``final/`` adapter folder instead.
 
 Tensors are read one output shard at a time. A DCP checkpoint (ddp, fsdp) loads
 only the requested keys into fresh tensors. A DeepSpeed checkpoint goes through
@@ -17,7 +18,9 @@ from memory-mapped partition files, while ZeRO-2 concatenates its flat fp32
 groups, so it holds the whole fp32 model once. The report gives the peak resident
 memory of the process during the export: about 1.3 output shards for DCP, plus the
 touched memory-mapped fp32 partitions for ZeRO-3 (and the whole fp32 model for
-ZeRO-2); a smaller ``max_shard_size`` lowers it.
+ZeRO-2); a smaller ``max_shard_size`` lowers it. Merging ``final/`` loads the whole
+base model in fp32 with transformers (which reads any format it can), so its peak
+is the fp32 model plus one output shard.
 """
 
 from __future__ import annotations
@@ -43,7 +46,7 @@ import yaml
 
 from tunefleet.launcher import checkpoint, modeling
 from tunefleet.launcher.errors import UserError
-from tunefleet.launcher.recipe import RESOLVED_RECIPE, Recipe
+from tunefleet.launcher.recipe import RESOLVED_RECIPE, MethodConfig, Recipe
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 DEFAULT_MAX_SHARD_SIZE = "5GB"
@@ -115,6 +118,22 @@ class _DeepSpeedReader:
     def read(self, keys: list[str]) -> dict[str, torch.Tensor]:
         # ZeRO-2's tensors are views of one flat vector; safetensors refuses tensors sharing storage.
         return {key: self.lazy[key].contiguous().clone() for key in keys}
+
+
+class _AdapterFolderReader:
+    """A PEFT adapter folder (a finished run's ``final/``) on its base model, by the keys a checkpoint
+    of the PEFT model holds (``...q_proj.base_layer.weight``, ``...q_proj.lora_A.default.weight``)."""
+
+    def __init__(self, adapter_dir: Path, recipe: Recipe, model_path: str):
+        import peft
+
+        fp32 = recipe.model.model_copy(update={"dtype": "float32"})  # merge in fp32, cast when writing
+        base = modeling.load_model(fp32, MethodConfig(kind="full"), model_path)
+        self.state = peft.PeftModel.from_pretrained(base, str(adapter_dir)).state_dict()
+        self.specs = {key: (value.shape, value.dtype) for key, value in self.state.items()}
+
+    def read(self, keys: list[str]) -> dict[str, torch.Tensor]:
+        return {key: self.state[key] for key in keys}
 
 
 _READERS = {"ddp": _DCPReader, "fsdp": _DCPReader,
@@ -322,15 +341,23 @@ def read_run_recipe(run_dir: Path) -> Recipe:
     return Recipe.model_validate(yaml.safe_load(path.read_text()))
 
 
-def find_checkpoint(recipe: Recipe, step: int | None) -> Path:
-    """The complete checkpoint of ``step``, or the latest one."""
+def find_checkpoint(recipe: Recipe, step: int | None, final: Path) -> Path:
+    """The complete checkpoint of ``step``, or the latest one; ``final`` is the run's final/ folder."""
     steps = checkpoint.complete_steps(recipe.checkpoint_dir)
     if not steps:
-        raise UserError(f"no complete checkpoint under {recipe.checkpoint_dir}; set checkpoint.every_steps")
+        what = "model (a Hugging Face folder)" if recipe.method.kind == "full" else "adapter (a PEFT folder)"
+        kept = f"; {final} already holds the trained {what}" if final.is_dir() else ""
+        raise UserError(f"no complete checkpoint under {recipe.checkpoint_dir}; set checkpoint.every_steps{kept}")
     if step is not None and step not in steps:
         raise UserError(f"no complete checkpoint of step {step} under {recipe.checkpoint_dir}; "
                         f"complete steps: {', '.join(map(str, steps))}")
     return Path(recipe.checkpoint_dir) / f"step_{steps[-1] if step is None else step}"
+
+
+def _final_to_merge(recipe: Recipe, step: int | None, final: Path) -> Path | None:
+    """``final`` when --merge-lora has no checkpoint to read: no ``step`` asked for, none kept."""
+    kept_none = step is None and not checkpoint.complete_steps(recipe.checkpoint_dir)
+    return final if kept_none and (final / "adapter_config.json").is_file() else None
 
 
 def parse_size(text: str | int) -> int:
@@ -362,14 +389,18 @@ def _export_kind(recipe: Recipe, merge_lora: bool) -> Literal["full", "adapter",
 
 def export(run_dir: str | Path, *, step: int | None = None, out: str | Path, merge_lora: bool = False,
            dtype: str = "fp32", max_shard_size: str | int = DEFAULT_MAX_SHARD_SIZE) -> ExportReport:
-    """Write checkpoint ``step`` (default: the latest) of the run in ``run_dir`` to the new folder ``out``."""
+    """Write checkpoint ``step`` (default: the latest) of the run in ``run_dir`` to the new folder ``out``;
+    with ``merge_lora`` and neither ``step`` nor a checkpoint, the run's ``final/`` adapter merged."""
     started = time.perf_counter()
     if dtype not in DTYPES:
         raise UserError(f"--dtype {dtype}: choose one of {', '.join(DTYPES)}")
     recipe = read_run_recipe(Path(run_dir))
     kind = _export_kind(recipe, merge_lora)
-    source = find_checkpoint(recipe, step)
-    strategy = checkpoint.read_meta(source)["strategy"]
+    final = Path(run_dir) / "final"
+    adapter_dir = _final_to_merge(recipe, step, final) if kind == "merged" else None
+    source = adapter_dir or find_checkpoint(recipe, step, final)
+    strategy = recipe.parallelism.strategy if adapter_dir else checkpoint.read_meta(source)["strategy"]
+    model_path = modeling.resolve_model_path(recipe.model)
     target = Path(out)
     if target.exists() and any(target.iterdir()):
         raise UserError(f"{target} is not empty; choose a new --out folder")
@@ -377,10 +408,11 @@ def export(run_dir: str | Path, *, step: int | None = None, out: str | Path, mer
     staging = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=target.parent))
     try:
         with _PeakRSS() as memory:
-            reader = _READERS[strategy](source / "state")
+            reader = (_AdapterFolderReader(adapter_dir, recipe, model_path) if adapter_dir
+                      else _READERS[strategy](source / "state"))
             files, num_tensors, total_bytes = _write_folder(
-                reader, recipe, modeling.resolve_model_path(recipe.model), staging, kind=kind,
-                dtype=DTYPES[dtype], max_bytes=parse_size(max_shard_size))
+                reader, recipe, model_path, staging, kind=kind, dtype=DTYPES[dtype],
+                max_bytes=parse_size(max_shard_size))
             del reader
         if target.exists():
             target.rmdir()

@@ -206,6 +206,9 @@ def check_model_path(cfg: ModelConfig) -> str | None:
     if cfg.path.startswith(TINY_PREFIX) or not cfg.path.startswith("/"):
         return None
     path = Path(cfg.path)
+    if path.is_file():
+        return (f"{path} is a file, not a folder; point model.path at the Hugging Face model folder "
+                "(the one holding config.json)")
     if not path.is_dir():
         return f"model folder {path} does not exist; point model.path at a Hugging Face model folder"
     if not (path / "config.json").is_file():

@@ -9,6 +9,7 @@ the current directory, where the user typed them.
 
 from __future__ import annotations
 
+import difflib
 import hashlib
 import importlib.util
 import os
@@ -910,15 +911,33 @@ def parse_override(text: str) -> tuple[list[str], Any]:
     return key.split("."), value
 
 
-def _field_is_path(keys: list[str]) -> bool:
-    model: type[BaseModel] | None = Recipe
+def _section_model(annotation: Any) -> type[BaseModel] | None:
+    """The section an annotation holds: `X`, `X | None` or `list[X]`; None for a plain value."""
+    if typing.get_origin(annotation) is None and isinstance(annotation, type) and issubclass(annotation, BaseModel):
+        return annotation
+    return next(filter(None, map(_section_model, typing.get_args(annotation))), None)
+
+
+def _section_at(keys: tuple | list) -> type[BaseModel] | None:
+    """The section that dotted ``keys`` (a pydantic error location: names or aliases, list indices)
+    point into; None where they leave the schema."""
+    section: type[BaseModel] | None = Recipe
     for key in keys:
-        if model is None or key not in model.model_fields:
-            return False
-        annotation = model.model_fields[key].annotation
-        options = typing.get_args(annotation) or (annotation,)  # an optional section: `EvalSplit | None`
-        model = next((t for t in options if isinstance(t, type) and issubclass(t, BaseModel)), None)
-    return keys[-1] in ("output_dir", "path", "dir", "cache_dir", "reference_data")
+        if isinstance(key, int):
+            continue
+        if section is None:
+            return None
+        field = next((f for name, f in section.model_fields.items() if key in (name, f.alias)), None)
+        if field is None:
+            return None
+        section = _section_model(field.annotation)
+    return section
+
+
+def _field_is_path(keys: list[str]) -> bool:
+    section = _section_at(keys[:-1])
+    return (section is not None and keys[-1] in section.model_fields
+            and keys[-1] in ("output_dir", "path", "dir", "cache_dir", "reference_data"))
 
 
 def apply_overrides(raw: dict, overrides: list[str]) -> dict:
@@ -938,30 +957,85 @@ def apply_overrides(raw: dict, overrides: list[str]) -> dict:
     return raw
 
 
+def _unknown_key(loc: tuple) -> str:
+    """The message for a key its section does not have, with the nearest real key when one is close."""
+    section = _section_at(loc[:-1])
+    keys = [field.alias or name for name, field in section.model_fields.items()] if section else []
+    if close := difflib.get_close_matches(str(loc[-1]), keys, n=1):
+        return f"unknown key; did you mean `{close[0]}`?"
+    return "unknown key; check the spelling (`tunefleet schema` lists every key)"
+
+
 def _problems_from(exc: ValidationError) -> list[Problem]:
     problems = []
     for err in exc.errors():
         where = ".".join(str(part) for part in err["loc"]) or "(recipe)"
         msg = err["msg"].removeprefix("Value error, ")
         if err["type"] == "extra_forbidden":
-            msg = "unknown key; check the spelling (`tunefleet schema` lists every key)"
+            msg = _unknown_key(err["loc"])
         elif err["type"] == "missing":
             msg = "required key is missing"
         problems.append(Problem(where, msg))
     return problems
 
 
-def read_yaml(path: str | Path) -> dict:
-    path = Path(path)
-    if not path.is_file():
-        raise RecipeError(str(path), [Problem(str(path), "recipe file not found")])
+class _RecipeLoader(yaml.SafeLoader):
+    """PyYAML's safe loader that also notes each key written twice in one mapping (which YAML
+    loaders otherwise accept, the last one winning) as (key, first line, repeated line)."""
+
+    def __init__(self, stream: str):
+        super().__init__(stream)
+        self.duplicates: list[tuple[Any, int, int]] = []
+        self._seen_mappings: set[yaml.MappingNode] = set()
+
+    def flatten_mapping(self, node: yaml.MappingNode) -> None:
+        # Runs for every mapping, first with its keys as written, then again (once flattened) for each
+        # merge (`<<: *anchor`) it is pulled into, where a key overriding a merged one is no duplicate.
+        if node not in self._seen_mappings:
+            self._seen_mappings.add(node)
+            lines: dict[Any, int] = {}
+            for key_node, _ in node.value:
+                if isinstance(key_node, yaml.ScalarNode) and key_node.tag != "tag:yaml.org,2002:merge":
+                    key, line = self.construct_object(key_node), key_node.start_mark.line + 1
+                    if key in lines:
+                        self.duplicates.append((key, lines[key], line))
+                    lines.setdefault(key, line)
+        super().flatten_mapping(node)
+
+
+def _parse_yaml(path: Path, text: str) -> Any:
     try:
-        raw = yaml.safe_load(path.read_text())
+        loader = _RecipeLoader(text)  # refuses unprintable characters (a NUL) already
+        try:
+            raw = loader.get_single_data()
+        finally:
+            loader.dispose()
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
         where = f"{path}:{mark.line + 1}:{mark.column + 1}" if mark else str(path)
         problem = getattr(exc, "problem", None) or str(exc)
         raise RecipeError(str(path), [Problem(where, f"malformed YAML ({problem}); fix the syntax there")]) from None
+    if loader.duplicates:
+        raise RecipeError(str(path), [
+            Problem(f"{path}:{again}", f"key `{key}` given twice, on lines {first} and {again}; keep one")
+            for key, first, again in loader.duplicates
+        ])
+    return raw
+
+
+def read_yaml(path: str | Path) -> dict:
+    path = Path(path)
+    if path.is_dir():
+        raise RecipeError(str(path), [Problem(str(path), "is a folder; give the recipe's YAML file")])
+    if not path.is_file():
+        raise RecipeError(str(path), [Problem(str(path), "recipe file not found")])
+    try:
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as exc:
+        found = f"byte 0x{exc.object[exc.start]:02x} at offset {exc.start}"
+        raise RecipeError(str(path), [
+            Problem(str(path), f"not a UTF-8 text file ({found}); save the recipe as UTF-8 YAML")]) from None
+    raw = _parse_yaml(path, text)
     if not isinstance(raw, dict):
         raise RecipeError(str(path), [Problem(str(path), "a recipe must be a YAML mapping of sections")])
     return raw

@@ -11,7 +11,7 @@ import yaml
 from tests.conftest import REPO
 from tunefleet.launcher.driver import check_recipe
 from tunefleet.launcher.errors import RecipeError
-from tunefleet.launcher.recipe import Recipe, load_recipe
+from tunefleet.launcher.recipe import Recipe, load_recipe, read_yaml
 
 SHIPPED = sorted((REPO / "recipes").rglob("*.yaml"))
 TINY = REPO / "recipes" / "tiny" / "llama-full-ddp.yaml"
@@ -143,3 +143,72 @@ def test_resolved_recipe_loads_back_unchanged(path):
     recipe = load_recipe(path)
     again = Recipe.model_validate(yaml.safe_load(recipe.to_yaml()))
     assert again == recipe
+
+
+def test_non_utf8_recipe_is_named(tmp_path):
+    path = tmp_path / "latin1.yaml"
+    path.write_bytes("name: caf\u00e9\n".encode("latin-1"))
+    with pytest.raises(RecipeError) as info:
+        load_recipe(path)
+    assert [(p.where, p.message) for p in info.value.problems] == [
+        (str(path), "not a UTF-8 text file (byte 0xe9 at offset 9); save the recipe as UTF-8 YAML")]
+
+
+def test_duplicate_keys_are_rejected_with_both_lines(tmp_path):
+    path = tmp_path / "dup.yaml"
+    path.write_text(TINY.read_text().replace("  max_steps: 120\n", "  max_steps: 20\n  max_steps: 30\n"))
+    first = path.read_text().splitlines().index("  max_steps: 20") + 1
+    with pytest.raises(RecipeError) as info:
+        load_recipe(path)
+    assert [(p.where, p.message) for p in info.value.problems] == [
+        (f"{path}:{first + 1}", f"key `max_steps` given twice, on lines {first} and {first + 1}; keep one")]
+
+
+def test_a_folder_given_as_recipe_is_named(tmp_path):
+    with pytest.raises(RecipeError) as info:
+        load_recipe(tmp_path)
+    assert info.value.problems[0].message == "is a folder; give the recipe's YAML file"
+
+
+@pytest.mark.parametrize("where,suggestion", [
+    ("trian", "train"), ("train.max_step", "max_steps"), ("checkpoint.asynk", "async"),
+    ("data.sources.0.formatt", "format"),
+])
+def test_a_near_miss_key_gets_a_suggestion(tmp_path, where, suggestion):
+    raw = tiny_raw()
+    *parents, key = [int(part) if part.isdigit() else part for part in where.split(".")]
+    node = raw
+    for part in parents:
+        node = node[part]
+    node[key] = node.pop(suggestion, 1)
+    with pytest.raises(RecipeError) as info:
+        load_recipe(write(tmp_path, raw))
+    found = {p.where: p.message for p in info.value.problems}
+    assert found[where].endswith(f"did you mean `{suggestion}`?"), found
+
+
+def test_a_far_off_key_gets_no_suggestion():
+    with pytest.raises(RecipeError) as info:
+        load_recipe(TINY, ["train.zzzz=1"])
+    assert "did you mean" not in str(info.value)
+
+
+def test_a_model_path_that_is_a_file_is_named(tmp_path):
+    raw = tiny_raw()
+    raw["model"]["path"] = str(TINY)
+    where = problems_of(write(tmp_path, raw))
+    assert where["model.path"] == (f"{TINY} is a file, not a folder; point model.path at the Hugging Face "
+                                   "model folder (the one holding config.json)")
+
+
+def test_a_key_overriding_a_merged_anchor_is_no_duplicate(tmp_path):
+    path = tmp_path / "anchors.yaml"
+    path.write_text("base: &base {a: 1, b: 2}\nderived:\n  <<: *base\n  b: 3\n")
+    assert read_yaml(path) == {"base": {"a": 1, "b": 2}, "derived": {"a": 1, "b": 3}}
+
+
+def test_a_nul_byte_is_malformed_yaml(tmp_path):  # PyYAML refuses it when the loader is built, before parsing
+    path = tmp_path / "nul.yaml"
+    path.write_bytes(b"\x00name: x\n")
+    with pytest.raises(RecipeError, match="malformed YAML"):
+        load_recipe(path)

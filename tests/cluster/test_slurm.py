@@ -282,7 +282,9 @@ def test_two_hosts_run_one_ray_node_each(slurm_two_hosts, tmp_path):
     assert (fields["JobState"], fields["NodeList"]) == ("COMPLETED", "h[1-2]"), log[-6000:]
     assert "all 2 Ray node(s) joined" in log
     assert train_steps(out) == list(range(1, 9))
-    assert {"10.213.0.1", "10.213.0.2"} <= set(re.findall(r"ip=(10\.213\.0\.\d)", log))
+    # Ray's worker output (prefixed with the node's address) is in the run folder's launch.log
+    ray_output = (out / "launch.log").read_text()
+    assert {"10.213.0.1", "10.213.0.2"} <= set(re.findall(r"ip=(10\.213\.0\.\d)", ray_output))
 
 
 def test_secrets_reach_the_job_by_inherited_environment_never_the_script(tmp_path, monkeypatch):

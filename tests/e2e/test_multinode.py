@@ -76,7 +76,7 @@ def test_node_loss_continues_on_fewer_workers_with_min_workers(cluster, tmp_path
     wait_for_step(out, 10, proc)  # past the step-8 checkpoint, paused before step 11
     RayCluster.kill(cluster.nodes[1])
     stdout = finish(proc)
-    assert "resuming from" in stdout and "step_8" in stdout
+    assert "worker group failed: restart 1 from" in stdout and "step_8" in stdout
     assert_complete(out)
 
 
@@ -91,6 +91,6 @@ def test_node_loss_waits_for_a_replacement_without_min_workers(cluster, tmp_path
     assert proc.poll() is None, "the run must wait, not fail"
     cluster.add_node()
     stdout = finish(proc)
-    assert "resuming from" in stdout
+    assert "worker group failed: restart 1 from" in stdout
     assert_complete(out)
     assert last_before < STEPS

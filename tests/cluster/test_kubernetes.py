@@ -520,7 +520,8 @@ def test_job_ids(tmp_path):
 
 
 def test_secrets_reach_the_pods_by_reference_only(tmp_path, monkeypatch):
-    planted = {"HF_TOKEN": "hf-planted-7f3a9c", "WANDB_API_KEY": "wandb-planted-51be0d", "TUNEFLEET_DB_PASSWORD": "pw-9e1"}
+    planted = {"HF_TOKEN": "hf-planted-7f3a9c", "WANDB_API_KEY": "wandb-planted-51be0d",
+               "TUNEFLEET_DB_PASSWORD": "pw-9e1"}
     for name, value in planted.items():
         monkeypatch.setenv(name, value)
     recipe, _ = make_recipe(tmp_path, {"cluster": {"kubernetes": {

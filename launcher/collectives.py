@@ -56,13 +56,11 @@ def group_for(tensor: torch.Tensor):
     return host_group() if tensor.device.type == "cpu" else None
 
 
-def all_reduce(tensor: torch.Tensor, op=dist.ReduceOp.SUM, *, async_op: bool = False):
-    """Reduce ``tensor`` over ranks in place (a no-op without a process group); returns it, or the
-    pending work with ``async_op``."""
-    if not dist.is_initialized():
-        return None if async_op else tensor
-    work = dist.all_reduce(tensor, op=op, group=group_for(tensor), async_op=async_op)
-    return work if async_op else tensor
+def all_reduce(tensor: torch.Tensor, op=dist.ReduceOp.SUM) -> torch.Tensor:
+    """Reduce ``tensor`` over ranks in place (a no-op without a process group); returns it."""
+    if dist.is_initialized():
+        dist.all_reduce(tensor, op=op, group=group_for(tensor))
+    return tensor
 
 
 def all_gather(tensor: torch.Tensor) -> list[torch.Tensor]:

@@ -4,6 +4,7 @@ fed by rank 0's metrics, and a summary table at the end."""
 from __future__ import annotations
 
 import contextlib
+import json
 import statistics
 from collections.abc import Iterator
 from pathlib import Path
@@ -160,8 +161,6 @@ def trained_tokens_per_s(rows: list[dict], first_steps: set[int]) -> float | Non
 
 def run_evaluations(metrics_file: Path) -> list[dict]:
     """The run's evaluations in step order, from its history (earlier launches of a resumed run too)."""
-    import json
-
     if not metrics_file.is_file():
         return []
     rows = [json.loads(line) for line in metrics_file.read_text().splitlines() if line.strip()]

@@ -23,9 +23,9 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 
-from tunefleet.launcher import attention
+from tunefleet.launcher import attention, collectives
 from tunefleet.launcher.data import IGNORE_INDEX
-from tunefleet.launcher.steps import StepResult, all_reduce_sum
+from tunefleet.launcher.steps import StepResult
 from tunefleet.strategies.base import Strategy
 
 
@@ -65,7 +65,7 @@ def count_pairs(micro_batches: list[dict[str, torch.Tensor]], device: torch.devi
     local = torch.tensor([[
         mb["input_ids"].shape[0] // 2, int((mb["labels"][:, 1:] != IGNORE_INDEX).sum()), int(mb["attention_mask"].sum())
     ] for mb in micro_batches], dtype=torch.float64, device=device).sum(0)
-    pairs, targets, inputs = all_reduce_sum(local).tolist()
+    pairs, targets, inputs = collectives.all_reduce(local).tolist()
     return int(pairs), int(targets), int(inputs)
 
 
@@ -112,7 +112,7 @@ def pair_step(strategy: Strategy, micro_batches: list[dict[str, torch.Tensor]], 
             strategy.backward(micro_loss * scale)
         totals += torch.cat([micro_loss.detach().double().view(1), micro_stats])
     grad_norm = strategy.optimizer_step()
-    return pair_result(all_reduce_sum(totals).tolist(), global_targets, global_inputs, grad_norm)
+    return pair_result(collectives.all_reduce(totals).tolist(), global_targets, global_inputs, grad_norm)
 
 
 @torch.no_grad()
@@ -125,7 +125,7 @@ def pair_evaluate(strategy: Strategy, batches: list[dict[str, torch.Tensor]], de
         batch = {k: v.to(device) for k, v in batch.items()}
         loss, stats = pair_statistics(rewards(strategy.model, batch), batch)
         totals += torch.cat([loss.double().view(1), stats])
-    return pair_metrics(pair_result(all_reduce_sum(totals).tolist(), 0, 0, None))
+    return pair_metrics(pair_result(collectives.all_reduce(totals).tolist(), 0, 0, None))
 
 
 def reward_step(strategy: Strategy, micro_batches: list[dict[str, torch.Tensor]],

@@ -54,13 +54,8 @@ def _count_targets(batch: dict[str, torch.Tensor]) -> int:
     return int((labels != IGNORE_INDEX).sum())
 
 
-def all_reduce_sum(values: torch.Tensor) -> torch.Tensor:
-    """Sum ``values`` over ranks in place (a no-op without a process group); returns it."""
-    return collectives.all_reduce(values)
-
-
 def _all_reduce_sum(values: list[float], device: torch.device) -> list[float]:
-    return all_reduce_sum(torch.tensor(values, dtype=torch.float64, device=device)).tolist()
+    return collectives.all_reduce(torch.tensor(values, dtype=torch.float64, device=device)).tolist()
 
 
 def train_step(strategy: Strategy, micro_batches: list[dict[str, torch.Tensor]], device: torch.device) -> StepResult:
@@ -130,7 +125,7 @@ def evaluate_classifier(strategy: Strategy, batches: list[dict[str, torch.Tensor
             torch.bincount(predicted, minlength=num_labels),
             torch.bincount(actual, minlength=num_labels),
         ]).double()
-    totals = all_reduce_sum(torch.cat([loss_sum, counts.flatten()]))
+    totals = collectives.all_reduce(torch.cat([loss_sum, counts.flatten()]))
     true_positive, predicted, actual = totals[1:].view(3, num_labels)
     rows = max(float(actual.sum()), 1.0)
     seen = (predicted + actual) > 0

@@ -5,11 +5,13 @@ from __future__ import annotations
 
 import contextlib
 import json
+import os
 import statistics
 from collections.abc import Iterator
 from pathlib import Path
 
 from rich.console import Console
+from rich.markup import escape
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 from rich.table import Table
 
@@ -30,9 +32,18 @@ class LaunchConsole:
         self.first_steps: set[int] = set()
         self.ray_log: str | None = None  # where Ray's own output of the run goes, named in restart lines
         self._max_steps = 0
+        self.max_restarts: int | None = None
+
+    def keep_terminal(self) -> None:
+        """Write to a copy of the current standard output, so that the console stays on the terminal (or pipe)
+        while the launch sends everything else written to standard output to its log file."""
+        terminal, width = self.console.is_terminal, self.console.width
+        self.console = Console(file=open(os.dup(1), "w", buffering=1), force_terminal=terminal or None,  # noqa: SIM115
+                               width=width)
 
     def header(self, job, reason: str, data_meta: dict) -> None:
         recipe, plan = job.recipe, job.strategy_plan
+        self.max_restarts = recipe.fault_tolerance.max_restarts
         packed = (f"; packed into {data_meta['max_seq_len']}-token rows, {data_meta['packing_efficiency']:.1%} "
                   "of token slots filled" if data_meta.get("packing") else "")
         self._print(
@@ -72,6 +83,9 @@ class LaunchConsole:
                 self._record(event)
             elif kind == "finish":
                 self.finish = event
+            elif kind == "worker_failed":
+                self._bar.console.print(f"[red]worker failed[/]: {escape(event['line'])}", highlight=False,
+                                        soft_wrap=True)
 
     def _started(self, event: dict) -> None:
         """A worker group started: the first one, or a restart after a failure (one line, not Ray's traceback)."""
@@ -79,11 +93,12 @@ class LaunchConsole:
         where = event.get("resumed_from")
         if self.started:
             self.restarts += 1
+            allowed = f"/{self.max_restarts}" if self.max_restarts is not None else ""
             self._bar.console.print(
-                f"[yellow]worker group failed[/]: restart {self.restarts} from {where or 'step 0 (no checkpoint)'}"
-                + (f"; Ray's report is in {self.ray_log}" if self.ray_log else ""))
+                f"[yellow]restart {self.restarts}{allowed}[/] from {where or 'step 0 (no checkpoint)'}"
+                + (f"; Ray's report is in {self.ray_log}" if self.ray_log else ""), soft_wrap=True)
         elif where:
-            self._bar.console.print(f"resuming from {where}")
+            self._bar.console.print(f"resuming from {where}", soft_wrap=True)
         self.started = True
 
     def _record(self, row: dict) -> None:

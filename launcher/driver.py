@@ -134,6 +134,7 @@ def _trainer(job: Job, queue, control, *, loop=None, name: str | None = None, st
     from ray.train import FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchConfig, TorchTrainer
 
+    from tunefleet.launcher.controller import FailureReporter
     from tunefleet.launcher.worker import train_loop_per_worker
 
     recipe, par = job.recipe, job.recipe.parallelism
@@ -150,6 +151,7 @@ def _trainer(job: Job, queue, control, *, loop=None, name: str | None = None, st
         run_config=RunConfig(
             name=name or recipe.name, storage_path=storage_path or str(Path(recipe.output_dir) / "ray"),
             failure_config=FailureConfig(max_failures=recipe.fault_tolerance.max_restarts),
+            callbacks=[FailureReporter(queue, recipe.output_dir)] if queue is not None else None,
             worker_runtime_env={"env_vars": _worker_env(recipe)},
         ),
     )
@@ -160,21 +162,26 @@ LAUNCH_LOG = "launch.log"
 
 @contextlib.contextmanager
 def library_output_to(path: Path | None) -> Iterator[None]:
-    """Send this process's standard error (Ray's forwarded worker logs and tracebacks, library warnings and
-    banners) to ``path``, appending; the console (standard output) keeps tunefleet's own lines. None: no change."""
+    """Send this process's standard output and error (Ray's forwarded worker logs and error reports, library
+    warnings and banners) to ``path``, appending. The launch console keeps the terminal (see
+    ``LaunchConsole.keep_terminal``). None: no change."""
     if path is None:
         yield
         return
+    sys.stdout.flush()
     sys.stderr.flush()
-    saved = os.dup(2)
+    saved = {fd: os.dup(fd) for fd in (1, 2)}
     with path.open("ab") as log:
-        os.dup2(log.fileno(), 2)
+        for fd in saved:
+            os.dup2(log.fileno(), fd)
     try:
         yield
     finally:
+        sys.stdout.flush()
         sys.stderr.flush()
-        os.dup2(saved, 2)
-        os.close(saved)
+        for fd, copy in saved.items():
+            os.dup2(copy, fd)
+            os.close(copy)
 
 
 def launch(recipe: Recipe, *, source: str, address: str | None = None, resume: str = "auto",
@@ -188,6 +195,8 @@ def launch(recipe: Recipe, *, source: str, address: str | None = None, resume: s
     output_dir = Path(recipe.output_dir)
     library_log = None if verbose else Path(tempfile.mkstemp(prefix="tunefleet-launch-", suffix=".log")[1])
     console.ray_log = None if verbose else str(output_dir / LAUNCH_LOG)
+    if not verbose:
+        console.keep_terminal()
     try:
         with library_output_to(library_log):
             return _launch_on_ray(recipe, plan, reason, console, address=address, resume=resume, started=started)

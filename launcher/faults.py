@@ -1,4 +1,4 @@
-"""Fault injection for tests, keyed by (rank, step): raise, SIGKILL or stall.
+"""Fault injection for tests, keyed by (rank, step): raise, SIGKILL, SIGSEGV, SIGTERM or stall.
 
 Set ``TUNEFLEET_FAULT="rank=1,step=5,kind=sigkill"`` when launching (``at=step``,
 the default, fires before that step's forward; ``at=checkpoint`` fires while the
@@ -13,7 +13,8 @@ import signal
 import time
 from pathlib import Path
 
-KINDS = ("raise", "sigkill", "stall")
+KINDS = ("raise", "sigkill", "segv", "sigterm", "stall")
+_SIGNALS = {"sigkill": signal.SIGKILL, "segv": signal.SIGSEGV, "sigterm": signal.SIGTERM}
 PLACES = ("step", "checkpoint")
 
 
@@ -43,6 +44,7 @@ def maybe_inject(fault: dict, *, rank: int, step: int, at: str, output_dir: str)
     marker.write_text(fault["kind"])
     if fault["kind"] == "raise":
         raise InjectedFault(f"injected fault at rank {rank}, step {step}")
-    if fault["kind"] == "sigkill":
-        os.kill(os.getpid(), signal.SIGKILL)
+    if fault["kind"] in _SIGNALS:
+        os.kill(os.getpid(), _SIGNALS[fault["kind"]])
+        time.sleep(60)  # a handled SIGTERM ends the process from Ray's side; never train on meanwhile
     time.sleep(fault["seconds"])

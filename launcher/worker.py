@@ -10,7 +10,7 @@ import socket
 import ray
 import ray.train
 
-from tunefleet.launcher import secrets
+from tunefleet.launcher import failures, secrets
 from tunefleet.launcher.metrics import Reporter
 from tunefleet.launcher.train import Job, run
 
@@ -30,6 +30,8 @@ def train_loop_per_worker(config: dict) -> None:
     job: Job = config["job"]
     rank = ray.train.get_context().get_world_rank()
     reporter = Reporter(enabled=rank == 0, output_dir=job.recipe.output_dir, queue=config.get("queue"))
-    node = f"{socket.gethostname()}/{ray.get_runtime_context().get_node_id()[:8]}"
+    node_id = ray.get_runtime_context().get_node_id()
+    failures.watch(job.recipe.output_dir, rank, node_ip=ray.util.get_node_ip_address(), node_id=node_id)
+    node = f"{socket.gethostname()}/{node_id[:8]}"
     result = run(job, reporter, control=config.get("control"), node=node)
     reporter.finish(result)

@@ -4,6 +4,8 @@ checkpoint and ends bitwise identical to an uninterrupted run."""
 from __future__ import annotations
 
 import json
+import re
+from pathlib import Path
 
 import pytest
 
@@ -28,7 +30,10 @@ def test_sigkill_of_a_worker_mid_run_resumes_bitwise(baseline_full, ray_cluster,
     result = faulty_run(ray_cluster, out, "rank=1,step=13,kind=sigkill")
     assert (out / ".fault-rank1-step13-step").exists(), "the fault never fired"
     # one line for the event, Ray's tracebacks in the run folder's log instead of on the console
-    assert "worker group failed: restart 1 from" in result.stdout and "step_8" in result.stdout
+    # one line naming the rank, its node and how it died, then the restart
+    assert re.search(r"worker failed: rank 1 on node [\d.]+ \(id \w{8}, pid \d+\) was killed without a Python error",
+                     result.stdout), result.stdout
+    assert "restart 1/2 from" in result.stdout and "step_8" in result.stdout
     assert "Traceback" not in result.stdout + result.stderr
     assert "Traceback" in (out / "launch.log").read_text()
     assert json.loads((out / "summary.json").read_text())["restarts"] == 1
@@ -51,8 +56,32 @@ def test_sigkill_while_writing_a_checkpoint_ignores_the_partial_one(baseline_ful
 
 def test_raised_exception_restarts_too(baseline_full, ray_cluster, tmp_path):
     out = tmp_path / "raised"
-    faulty_run(ray_cluster, out, "rank=0,step=20,kind=raise")
+    result = faulty_run(ray_cluster, out, "rank=0,step=20,kind=raise")
     assert (out / ".fault-rank0-step20-step").exists()
+    assert "worker failed: rank 0 on node" in result.stdout
+    assert "raised InjectedFault: injected fault at rank 0, step 20" in result.stdout, result.stdout
+    assert_bitwise_equal(final_weights(out), final_weights(baseline_full[0]))
+
+
+def test_a_crashing_worker_is_named_with_its_signal_and_the_run_resumes(baseline_full, ray_cluster, tmp_path):
+    """A segfault in a rank (a broken kernel, a bad extension) is reported as one, with its traceback file."""
+    out = tmp_path / "segv"
+    result = faulty_run(ray_cluster, out, "rank=1,step=11,kind=segv")
+    assert (out / ".fault-rank1-step11-step").exists()
+    assert "worker failed: rank 1 on node" in result.stdout
+    assert "crashed: SIGSEGV (segmentation fault) (traceback: " in result.stdout, result.stdout
+    traceback = re.search(r"\(traceback: (\S+)\)", result.stdout).group(1)
+    assert "Fatal Python error: Segmentation fault" in Path(traceback).read_text()
+    assert "maybe_inject" in Path(traceback).read_text()  # where it crashed
+    assert_bitwise_equal(final_weights(out), final_weights(baseline_full[0]))
+
+
+def test_sigterm_to_a_worker_is_named_and_the_run_resumes(baseline_full, ray_cluster, tmp_path):
+    out = tmp_path / "worker-sigterm"
+    result = faulty_run(ray_cluster, out, "rank=0,step=5,kind=sigterm")
+    assert (out / ".fault-rank0-step5-step").exists()
+    assert "worker failed: rank 0 on node" in result.stdout
+    assert "received SIGTERM" in result.stdout, result.stdout
     assert_bitwise_equal(final_weights(out), final_weights(baseline_full[0]))
 
 

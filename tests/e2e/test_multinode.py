@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import time
 
@@ -76,7 +77,9 @@ def test_node_loss_continues_on_fewer_workers_with_min_workers(cluster, tmp_path
     wait_for_step(out, 10, proc)  # past the step-8 checkpoint, paused before step 11
     RayCluster.kill(cluster.nodes[1])
     stdout = finish(proc)
-    assert "worker group failed: restart 1 from" in stdout and "step_8" in stdout
+    assert "restart 1/" in stdout and " from " in stdout and "step_8" in stdout
+    lost = r"worker failed: rank \d on node [\d.]+ \(id \w{8}, pid \d+\) was lost with its node"
+    assert re.search(lost, stdout), stdout
     assert_complete(out)
 
 
@@ -91,6 +94,6 @@ def test_node_loss_waits_for_a_replacement_without_min_workers(cluster, tmp_path
     assert proc.poll() is None, "the run must wait, not fail"
     cluster.add_node()
     stdout = finish(proc)
-    assert "worker group failed: restart 1 from" in stdout
+    assert "restart 1/" in stdout and " from " in stdout
     assert_complete(out)
     assert last_before < STEPS

@@ -30,5 +30,5 @@ def test_embeddings_unfreeze_at_their_step_and_resume_is_exact(ray_cluster, tmp_
     killed = tmp_path / "killed"  # dies after the step-8 checkpoint, resumes before the unfreeze step
     result = launch(FULL, killed, SCHEDULE, "--set=fault_tolerance.max_restarts=1", address=ray_cluster.address,
                     env={"TUNEFLEET_FAULT": "rank=1,step=13,kind=sigkill"})
-    assert "worker group failed: restart 1 from" in result.stdout and "step_8" in result.stdout
+    assert "restart 1/" in result.stdout and "step_8" in result.stdout
     assert_bitwise_equal(final_weights(killed), final_weights(plain))

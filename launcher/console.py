@@ -15,6 +15,8 @@ from rich.markup import escape
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 from rich.table import Table
 
+from tunefleet.launcher.preprocess import skipped_lines
+
 # Evaluation figures beyond the loss that the summary shows before and after training.
 TASK_METRICS = ("eval_accuracy", "eval_f1", "eval_reward_accuracy", "eval_exact_match", "eval_contains_match",
                 "reference_perplexity")
@@ -57,6 +59,8 @@ class LaunchConsole:
             f"(micro {plan.micro_batch_size} x accum {plan.grad_accum_steps} x {plan.world_size} workers)\n"
             f"  output: {recipe.output_dir}"
         )
+        for line in skipped_lines(data_meta) if self.enabled else []:
+            self.console.print(f"  {line}", highlight=False, soft_wrap=True, markup=False)
 
     def _print(self, text: str) -> None:
         if self.enabled:

@@ -67,6 +67,14 @@ def named_bad_rows(bad_rows: list[str], num_bad: int) -> list[str]:
     return lines
 
 
+def skipped_lines(meta: dict) -> list[str]:
+    """The rows ``data.on_bad_row: skip`` left out, as preprocess and launch print them (none: no lines)."""
+    if not meta.get("skipped"):
+        return []
+    return [f"skipped {_bad_rows(meta['skipped'])} (data.on_bad_row: skip):",
+            *named_bad_rows(meta.get("skipped_examples", []), meta["skipped"])]
+
+
 def _bad_rows(num: int) -> str:
     return "1 bad row" if num == 1 else f"{num:,} bad rows"
 
@@ -414,7 +422,5 @@ def render_report(report: dict, console) -> None:
         value = report[key]
         totals.add_row(key.replace("_", " "), f"{value:,}" if type(value) is int else str(value))
     console.print(totals)
-    if report["skipped"]:
-        console.print(f"skipped {_bad_rows(report['skipped'])} (data.on_bad_row: skip):", highlight=False)
-        for line in named_bad_rows(report["skipped_examples"], report["skipped"]):
-            console.print(line, highlight=False, soft_wrap=True, markup=False)
+    for line in skipped_lines(report):
+        console.print(line, highlight=False, soft_wrap=True, markup=False)

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import io
 import json
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -13,7 +14,9 @@ from transformers import AutoTokenizer
 
 from tests.conftest import REPO
 from tunefleet.launcher import data, preprocess, tiny_data
+from tunefleet.launcher.console import LaunchConsole
 from tunefleet.launcher.errors import DataError
+from tunefleet.launcher.plan import make_plan
 from tunefleet.launcher.recipe import DataConfig, DataSource, load_recipe
 from tunefleet.launcher.tiny import ensure_tiny_model
 
@@ -159,6 +162,14 @@ def test_skipped_rows_are_summarised_the_first_20_then_the_count(tmp_path):
     start = lines.index("skipped 25 bad rows (data.on_bad_row: skip):")
     assert lines[start + 1:] == [f"  - {e}" for e in report["skipped_examples"]] + [
         "  ... and 5 more (25 bad rows in all)"]
+    # the launch header lists the same
+    launch = LaunchConsole(console=Console(file=io.StringIO(), width=300))
+    plan, reason = make_plan(recipe, "recipe.yaml")
+    launch.header(SimpleNamespace(recipe=recipe, strategy_plan=plan), reason, report)
+    header = launch.console.file.getvalue().splitlines()
+    start = header.index("  skipped 25 bad rows (data.on_bad_row: skip):")
+    assert header[start + 1:] == [f"    - {e}" for e in report["skipped_examples"]] + [
+        "    ... and 5 more (25 bad rows in all)"]
 
 
 def test_parallel_tokenization_gives_the_same_arrays(tokenizer, tokenizer_dir, tmp_path, monkeypatch):

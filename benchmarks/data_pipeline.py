@@ -36,10 +36,10 @@ from pathlib import Path
 
 import numpy as np
 
-from tunefleet.launcher import data, packing, preprocess
-from tunefleet.launcher.modeling import load_tokenizer
-from tunefleet.launcher.recipe import DataConfig, DataSource
-from tunefleet.launcher.tiny import ensure_tiny_model
+from tunefleet.launcher.config.recipe import DataConfig, DataSource
+from tunefleet.launcher.data import batches, packing, preprocess
+from tunefleet.launcher.model.modeling import load_tokenizer
+from tunefleet.launcher.model.tiny import ensure_tiny_model
 
 REPO = Path(__file__).resolve().parents[1]
 TINY_DATA = REPO / "recipes" / "tiny" / "data"
@@ -90,12 +90,12 @@ def tokenization(tokenizer, args) -> list[dict]:
     return rows
 
 
-def batch_fill(split: data.TokenizedSplit, micro_batch: int) -> float:
+def batch_fill(split: batches.TokenizedSplit, micro_batch: int) -> float:
     """Real tokens / padded batch slots over one epoch of the sampler (pad to the longest row of each batch)."""
     lengths = np.diff(np.asarray(split.offsets))
-    order = data.global_batch_indices(len(split), 0, len(split), seed=0)
-    batches = [lengths[order[i:i + micro_batch]] for i in range(0, len(order), micro_batch)]
-    return float(sum(b.sum() for b in batches) / sum(b.max() * len(b) for b in batches))
+    order = batches.global_batch_indices(len(split), 0, len(split), seed=0)
+    micro = [lengths[order[i:i + micro_batch]] for i in range(0, len(order), micro_batch)]
+    return float(sum(b.sum() for b in micro) / sum(b.max() * len(b) for b in micro))
 
 
 def packing_figures(tokenizer, args) -> list[dict]:

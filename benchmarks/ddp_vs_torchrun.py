@@ -101,9 +101,10 @@ def freeze_code(work: Path) -> tuple[Path, str]:
 
 def prepare_inputs(args: argparse.Namespace, recipe_path: Path, work: Path):
     """Resolve the recipe, build the model folder and the token cache once, as the driver would."""
-    from tunefleet.launcher import data, modeling
+    from tunefleet.launcher.config.recipe import load_recipe
+    from tunefleet.launcher.data import preprocess
     from tunefleet.launcher.errors import RecipeError
-    from tunefleet.launcher.recipe import load_recipe
+    from tunefleet.launcher.model import modeling
 
     try:
         recipe = load_recipe(recipe_path, recipe_overrides(args, work / "resolve-only"))
@@ -114,7 +115,7 @@ def prepare_inputs(args: argparse.Namespace, recipe_path: Path, work: Path):
         sys.exit("the torchrun floor implements warm-up + cosine to 0 only; keep the recipe's schedule")
     model_path = modeling.resolve_model_path(recipe.model)
     tokenizer = modeling.load_tokenizer(model_path)
-    data_dir = data.prepare(recipe.data, tokenizer, model_path, seed=train.seed)
+    data_dir = preprocess.prepare(recipe.data, tokenizer, model_path, seed=train.seed)
     return recipe, model_path, str(data_dir)
 
 

@@ -147,9 +147,10 @@ def write_recipe(out: Path, data_path: Path, steps: int, micro_batch_size: int) 
 
 def prepare(recipe_path: Path) -> dict:
     """The model folder and the token cache, built once, outside every timed launch."""
-    from tunefleet.launcher import modeling, preprocess
-    from tunefleet.launcher.recipe import load_recipe
-    from tunefleet.launcher.tiny import tiny_config
+    from tunefleet.launcher.config.recipe import load_recipe
+    from tunefleet.launcher.data import preprocess
+    from tunefleet.launcher.model import modeling
+    from tunefleet.launcher.model.tiny import tiny_config
 
     recipe = load_recipe(recipe_path)
     model_path = modeling.resolve_model_path(recipe.model)
@@ -162,7 +163,7 @@ def flops_per_token(config, trainable_fraction: float = 1.0) -> float:
     import torch
     import transformers
 
-    from tunefleet.launcher import throughput
+    from tunefleet.launcher.training import throughput
 
     with torch.device("meta"):
         num_params = sum(p.numel() for p in transformers.AutoModelForCausalLM.from_config(config).parameters())

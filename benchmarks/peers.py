@@ -105,16 +105,17 @@ def prepare(args: argparse.Namespace, recipe_path: Path, work: Path) -> tuple[ob
     import torch
     import transformers
 
-    from tunefleet.launcher import data, modeling
+    from tunefleet.launcher.config.recipe import load_recipe
+    from tunefleet.launcher.data import preprocess
     from tunefleet.launcher.errors import RecipeError
-    from tunefleet.launcher.recipe import load_recipe
+    from tunefleet.launcher.model import modeling
 
     try:
         recipe = load_recipe(recipe_path, overrides(args, work / "resolve-only"))
     except RecipeError as exc:
         sys.exit(f"error: {exc}")
     model_path = modeling.resolve_model_path(recipe.model)
-    data_dir = data.prepare(recipe.data, modeling.load_tokenizer(model_path), model_path, seed=recipe.train.seed)
+    data_dir = preprocess.prepare(recipe.data, modeling.load_tokenizer(model_path), model_path, seed=recipe.train.seed)
     config = transformers.AutoConfig.from_pretrained(model_path)
     with torch.device("meta"):
         num_params = sum(p.numel() for p in transformers.AutoModelForCausalLM.from_config(config).parameters())
@@ -168,7 +169,7 @@ def mfu(tokens_per_s: float, flops_per_token: float, peak_flops_per_rank: float,
 
 def figures(run: Run, args: argparse.Namespace, model: dict, peak_flops: float) -> dict:
     """Every figure of one run, computed the same way for every system."""
-    from tunefleet.launcher.throughput import flops_per_token
+    from tunefleet.launcher.training.throughput import flops_per_token
 
     summary = run.summary(args.warmup)
     rows_per_step = args.micro_batch * NUM_WORKERS
@@ -224,7 +225,7 @@ def measure_peak() -> float:
     sizes and repeats: on a shared machine a probe is often descheduled
     mid-matmul, which reads as a lower peak (and an MFU above 1).
     """
-    probe = ("from tunefleet.launcher.throughput import cpu_peak_flops; "
+    probe = ("from tunefleet.launcher.training.throughput import cpu_peak_flops; "
              f"print(max(cpu_peak_flops(n, repeats=10) for n in {PEAK_PROBE_SIZES}))")
     out = subprocess.run([sys.executable, "-c", probe], env=subprocess_env(), capture_output=True, text=True,
                          check=True)

@@ -2,7 +2,7 @@
 
 One process, one GPU, no launcher: the model folder loaded with transformers (SDPA), bf16 autocast
 over fp32 master weights, ``AdamW(fused=True)``, and exactly the rows tunefleet trains on at
-world size 1 (``data.rank_micro_batches`` over the same token cache), the loss averaged over target
+world size 1 (``batches.rank_micro_batches`` over the same token cache), the loss averaged over target
 tokens. Packed rows are fed as plain causal rows (no ``position_ids``, no document mask): the
 fastest attention a row can get, and what a hand-written loop usually does.
 
@@ -24,9 +24,8 @@ import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 import transformers  # noqa: E402
 
-from tunefleet.launcher import data  # noqa: E402
-
-IGNORE_INDEX = data.IGNORE_INDEX
+from tunefleet.launcher.data import batches  # noqa: E402
+from tunefleet.launcher.model.inputs import IGNORE_INDEX  # noqa: E402
 
 
 def main() -> None:
@@ -45,9 +44,9 @@ def main() -> None:
                                                               attn_implementation="sdpa").to(device)
     model.train()
     optimizer = torch.optim.AdamW(model.parameters(), lr=args.lr, fused=True)
-    split = data.open_split(Path(args.data_dir), "train")
+    split = batches.open_split(Path(args.data_dir), "train")
     for step in range(args.steps):
-        (batch,) = data.rank_micro_batches(split, step, rank=0, world_size=1, micro_batch_size=args.micro_batch_size,
+        (batch,) = batches.rank_micro_batches(split, step, rank=0, world_size=1, micro_batch_size=args.micro_batch_size,
                                            grad_accum_steps=1, seed=args.seed, pad_id=0)
         input_ids = batch["input_ids"].to(device, non_blocking=True)
         labels = batch["labels"].to(device, non_blocking=True)

@@ -6,7 +6,7 @@ would, with the same math, and nothing else: no logging, eval or checkpoints
 inside the loop.
 
 Same data, exactly (plain or packed rows): the rows are read from the token cache that tunefleet's
-driver writes (``tunefleet.launcher.data.prepare``; ``benchmarks/ddp_vs_torchrun.py``
+driver writes (``tunefleet.launcher.data.batches.prepare``; ``benchmarks/ddp_vs_torchrun.py``
 builds it and passes ``--data-dir``). The global batch of step ``s`` is the same
 seeded per-epoch permutation tunefleet samples from, split rank-strided, each
 micro-batch right-padded to its longest row. That is the only thing taken from
@@ -196,7 +196,7 @@ def memory_per_rank(module: torch.nn.Module, optimizer: torch.optim.Optimizer) -
     """
     from types import SimpleNamespace
 
-    from tunefleet.launcher.throughput import held_bytes, memory_stats
+    from tunefleet.launcher.training.throughput import held_bytes, memory_stats
 
     mine = [memory_stats(torch.device("cpu"))["peak_rss_bytes"],
             sum(held_bytes(SimpleNamespace(model=module, optimizer=optimizer)).values())]

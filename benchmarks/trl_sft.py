@@ -90,7 +90,7 @@ class StepRecorder(TrainerCallback):
 
 def memory_per_rank(model: torch.nn.Module, optimizer) -> dict[str, list[int]]:
     """Peak RSS and held bytes of every rank, by tunefleet's accounting (as the floor does)."""
-    from tunefleet.launcher.throughput import held_bytes, memory_stats
+    from tunefleet.launcher.training.throughput import held_bytes, memory_stats
 
     mine = [memory_stats(torch.device("cpu"))["peak_rss_bytes"],
             sum(held_bytes(SimpleNamespace(model=model, optimizer=optimizer)).values())]

@@ -62,7 +62,7 @@ def _sections_in(annotation: Any) -> list[tuple[type[BaseModel], bool]]:
 
 
 def _is_local_path(metadata: list[Any]) -> bool:
-    from tunefleet.launcher.recipe import LocalPath
+    from tunefleet.launcher.config.recipe import LocalPath
 
     resolver = typing.get_args(LocalPath)[1]
     return any(item == resolver for item in metadata)
@@ -150,7 +150,7 @@ def _section_markdown(model: type[BaseModel], key: str, about: str, depth: int) 
 
 @cache
 def recipe_reference() -> str:
-    from tunefleet.launcher.recipe import Recipe
+    from tunefleet.launcher.config.recipe import Recipe
 
     return "\n".join(_section_markdown(Recipe, "", "", 2))
 
@@ -170,7 +170,7 @@ def _summary_line(path: Path) -> str:
 
 @cache
 def catalogue() -> str:
-    from tunefleet.launcher.catalogue import entry, recipe_name, shipped_recipes
+    from tunefleet.launcher.config.catalogue import entry, recipe_name, shipped_recipes
 
     lines = ["| recipe | model | method | strategy | cluster | memory/GPU | what |", "|---|---|---|---|---|---:|---|"]
     for path in shipped_recipes():
@@ -193,7 +193,7 @@ def _option_default(param) -> str:
 def cli_reference() -> str:
     import typer.main
 
-    from tunefleet.launcher.cli import app
+    from tunefleet.launcher.cli.app import app
 
     group = typer.main.get_command(app)
     lines = []
@@ -214,9 +214,9 @@ def _gib(num_bytes: float) -> str:
 
 @cache
 def plan_table(recipe_path: str) -> str:
-    from tunefleet.launcher.catalogue import read_header
-    from tunefleet.launcher.planner import plan_report
-    from tunefleet.launcher.recipe import load_recipe
+    from tunefleet.launcher.config.catalogue import read_header
+    from tunefleet.launcher.config.recipe import load_recipe
+    from tunefleet.launcher.plan.memory_fit import plan_report
 
     path = ROOT / recipe_path
     header = read_header(path)

@@ -18,10 +18,12 @@ import pytest
 import torch
 import torch.distributed as dist
 
-from tunefleet.launcher import collectives, reward, steps, train
-from tunefleet.launcher.checkpoint import CheckpointManager, latest
-from tunefleet.launcher.control import StopPoller
-from tunefleet.launcher.preflight import package_versions, run_preflight
+from tunefleet.launcher import collectives
+from tunefleet.launcher.objectives import reward, sft
+from tunefleet.launcher.training import loop
+from tunefleet.launcher.training.checkpoint import CheckpointManager, latest
+from tunefleet.launcher.training.control import StopPoller
+from tunefleet.launcher.training.preflight import package_versions, run_preflight
 from tunefleet.strategies.base import Strategy, StrategyPlan
 
 from .harness import run_ranks
@@ -64,7 +66,7 @@ def _batch(rank: int, rows: int = 2, width: int = 12) -> dict[str, torch.Tensor]
     input_ids = torch.randint(3, 256, (rows, width), generator=gen)
     attention_mask = torch.ones_like(input_ids)
     attention_mask[0, width - 3:] = 0
-    labels = input_ids.masked_fill(attention_mask == 0, steps.IGNORE_INDEX)
+    labels = input_ids.masked_fill(attention_mask == 0, sft.IGNORE_INDEX)
     return {"input_ids": input_ids, "attention_mask": attention_mask, "labels": labels}
 
 
@@ -84,14 +86,14 @@ def _everything_on_a_group_without_cpu(model_dir: str, workdir: str) -> dict:
     problems, report = run_preflight(driver_versions=package_versions(), checkpoint_dir=f"{workdir}/ckpt",
                                      host_bytes_needed=0, device=cpu, node=f"node{rank}")
     out["preflight"] = (problems, report["nodes"])
-    out["attempt"] = train.count_attempt(workdir, "launch-1", rank)
+    out["attempt"] = loop.count_attempt(workdir, "launch-1", rank)
     out["stop"] = StopPoller(None, rank).agreed()
-    out["agreed"] = train.agreed(float(rank + 7), cpu)
-    out["memory"] = sorted(train.memory_per_rank(strategy, cpu))
+    out["agreed"] = loop.agreed(float(rank + 7), cpu)
+    out["memory"] = sorted(loop.memory_per_rank(strategy, cpu))
 
-    result = steps.train_step(strategy, [_batch(rank), _batch(rank + 10)], cpu)
+    result = sft.train_step(strategy, [_batch(rank), _batch(rank + 10)], cpu)
     out["step"] = (result.loss, result.num_tokens)
-    out["eval_loss"] = steps.evaluate(strategy, [_batch(rank)], cpu)
+    out["eval_loss"] = sft.evaluate(strategy, [_batch(rank)], cpu)
     out["pairs"] = reward.count_pairs([_batch(rank, rows=4)], cpu)
 
     checkpoints = CheckpointManager(f"{workdir}/ckpt", keep_last=1)

@@ -2,7 +2,7 @@
 
 ZeRO-2 and ZeRO-3 train a tiny Llama on 2 ranks for ``NUM_STEPS`` steps and
 save after ``SAVE_AFTER_STEPS``; the same checkpoint is then resumed on 1 and on
-3 ranks, with accumulation rebalanced (``tunefleet.launcher.plan.rebalance``) so
+3 ranks, with accumulation rebalanced (``tunefleet.launcher.plan.layout.rebalance``) so
 that every step sees the same global batch, split over however many ranks there
 are. The continuation must match the uninterrupted 2-rank run.
 """
@@ -38,7 +38,7 @@ WEIGHT_RTOL, WEIGHT_ATOL = 1e-5, 1e-5
 # ----------------------------------------------------------------------------- worker side
 def _plan(strategy: str, world_size: int):
     """The 2-rank plan, rebalanced to ``world_size`` ranks as a resume at another size does."""
-    from tunefleet.launcher.plan import rebalance
+    from tunefleet.launcher.plan.layout import rebalance
     from tunefleet.strategies.base import StrategyPlan
 
     saved = StrategyPlan(
@@ -65,9 +65,9 @@ def _micro_batches(step: int) -> list[dict[str, torch.Tensor]]:
 
 
 def _train(strategy_name: str, model_dir: str, checkpoint: str, resume: bool) -> dict:
-    from tunefleet.launcher.modeling import load_model, make_optimizer_factory, make_scheduler_factory, param_groups
-    from tunefleet.launcher.recipe import MethodConfig, ModelConfig, TrainConfig
-    from tunefleet.launcher.steps import train_step
+    from tunefleet.launcher.model.modeling import load_model, make_optimizer_factory, make_scheduler_factory, param_groups
+    from tunefleet.launcher.config.recipe import MethodConfig, ModelConfig, TrainConfig
+    from tunefleet.launcher.objectives.sft import train_step
     from tunefleet.strategies.base import create
 
     plan = _plan(strategy_name, dist.get_world_size())

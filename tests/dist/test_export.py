@@ -52,11 +52,11 @@ def _micro_batches(step: int, micro: int = 2) -> list[dict[str, torch.Tensor]]:
 
 def _train_and_save(run_dir: Path) -> dict[str, torch.Tensor]:
     """Train the run's recipe, checkpoint it at the last step; the trained weights on rank 0."""
-    from tunefleet.launcher.checkpoint import CheckpointManager
-    from tunefleet.launcher.export import read_run_recipe
-    from tunefleet.launcher.modeling import load_model, make_optimizer_factory, make_scheduler_factory, param_groups
-    from tunefleet.launcher.plan import strategy_plan
-    from tunefleet.launcher.steps import train_step
+    from tunefleet.launcher.training.checkpoint import CheckpointManager
+    from tunefleet.launcher.run.export import read_run_recipe
+    from tunefleet.launcher.model.modeling import load_model, make_optimizer_factory, make_scheduler_factory, param_groups
+    from tunefleet.launcher.plan.layout import strategy_plan
+    from tunefleet.launcher.objectives.sft import train_step
     from tunefleet.strategies.base import create
 
     recipe = read_run_recipe(run_dir)
@@ -87,7 +87,7 @@ def _train_all(runs_root: str) -> dict[str, dict[str, torch.Tensor]]:
 
 # ----------------------------------------------------------------------------- parent side
 def _write_run(run_dir: Path, model_dir: str, strategy: str, method: str) -> None:
-    from tunefleet.launcher.recipe import Recipe
+    from tunefleet.launcher.config.recipe import Recipe
 
     recipe = Recipe.model_validate({
         "name": f"export-{strategy}-{method}", "output_dir": str(run_dir), "model": {"path": model_dir},
@@ -111,8 +111,8 @@ def _logits(model: torch.nn.Module) -> torch.Tensor:
 
 def _trained_logits(run_dir: Path, state: dict[str, torch.Tensor]) -> torch.Tensor:
     """Logits of the model as trained: a fresh model of the recipe holding the trained weights."""
-    from tunefleet.launcher.export import read_run_recipe
-    from tunefleet.launcher.modeling import load_model
+    from tunefleet.launcher.run.export import read_run_recipe
+    from tunefleet.launcher.model.modeling import load_model
 
     recipe = read_run_recipe(run_dir)
     model = load_model(recipe.model, recipe.method, recipe.model.path)
@@ -122,7 +122,7 @@ def _trained_logits(run_dir: Path, state: dict[str, torch.Tensor]) -> torch.Tens
 
 @pytest.fixture(scope="module")
 def model_dir() -> str:
-    from tunefleet.launcher.tiny import ensure_tiny_model
+    from tunefleet.launcher.model.tiny import ensure_tiny_model
 
     return str(ensure_tiny_model("llama"))
 
@@ -141,7 +141,7 @@ def trained(tmp_path_factory, model_dir) -> dict[str, dict]:
 
 
 def _export(run: dict, out: Path, **options):
-    from tunefleet.launcher.export import export
+    from tunefleet.launcher.run.export import export
 
     report = export(run["run_dir"], out=out, **options)
     assert not dist.is_initialized()  # a plain process: no process group, no Ray
@@ -214,7 +214,7 @@ def test_bf16_export_writes_bf16(trained, tmp_path):
 
 def test_export_picks_a_step_and_refuses_a_missing_one(trained, tmp_path):
     from tunefleet.launcher.errors import UserError
-    from tunefleet.launcher.export import export
+    from tunefleet.launcher.run.export import export
 
     run = trained[_key("ddp", "full")]
     assert export(run["run_dir"], step=NUM_STEPS, out=tmp_path / "out").checkpoint.endswith(f"step_{NUM_STEPS}")

@@ -11,7 +11,7 @@ import pytest
 import torch
 import torch.distributed as dist
 
-from tunefleet.launcher import generation
+from tunefleet.launcher.evaluation import generation
 
 from .harness import run_ranks
 from .test_strategies import ZERO3_OVERRIDES, _save_tiny_llama
@@ -46,8 +46,8 @@ def _uneven_prompts(model: torch.nn.Module, rank: int) -> tuple[list[generation.
 
 
 def _generate_everywhere(model_dir: str) -> dict[str, list[str]]:
-    from tunefleet.launcher.modeling import load_model, make_optimizer_factory, make_scheduler_factory, param_groups
-    from tunefleet.launcher.recipe import MethodConfig, ModelConfig, TrainConfig
+    from tunefleet.launcher.model.modeling import load_model, make_optimizer_factory, make_scheduler_factory, param_groups
+    from tunefleet.launcher.config.recipe import MethodConfig, ModelConfig, TrainConfig
     from tunefleet.strategies.base import StrategyPlan, create
 
     cpu, rank = torch.device("cpu"), dist.get_rank()

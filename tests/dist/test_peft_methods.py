@@ -47,9 +47,9 @@ def _batch(step: int) -> dict[str, torch.Tensor]:
 def train_and_save(strategy_name: str, run_dir: str) -> torch.Tensor:
     """Rank side: train the run's recipe, checkpoint, save ``final/`` on rank 0; the trained logits of
     ``_batch(-1)``."""
-    from tunefleet.launcher.checkpoint import CheckpointManager
-    from tunefleet.launcher.export import read_run_recipe
-    from tunefleet.launcher.modeling import (
+    from tunefleet.launcher.training.checkpoint import CheckpointManager
+    from tunefleet.launcher.run.export import read_run_recipe
+    from tunefleet.launcher.model.modeling import (
         load_model,
         load_tokenizer,
         make_optimizer_factory,
@@ -57,7 +57,7 @@ def train_and_save(strategy_name: str, run_dir: str) -> torch.Tensor:
         param_groups,
         save_final,
     )
-    from tunefleet.launcher.steps import train_step
+    from tunefleet.launcher.objectives.sft import train_step
     from tunefleet.strategies.base import StrategyPlan, create
 
     recipe = read_run_recipe(Path(run_dir))
@@ -91,7 +91,7 @@ def train_and_save(strategy_name: str, run_dir: str) -> torch.Tensor:
 
 
 def write_run(run_dir: Path, model_dir: str, strategy: str, method: dict) -> None:
-    from tunefleet.launcher.recipe import Recipe
+    from tunefleet.launcher.config.recipe import Recipe
 
     recipe = Recipe.model_validate({
         "name": "peft-methods", "output_dir": str(run_dir), "model": {"path": model_dir}, "method": method,
@@ -122,7 +122,7 @@ def reload_logits(out_dir: str, method: dict) -> torch.Tensor:
 
 @pytest.fixture(scope="module")
 def tiny_llama_dir() -> str:
-    from tunefleet.launcher.tiny import ensure_tiny_model
+    from tunefleet.launcher.model.tiny import ensure_tiny_model
 
     return str(ensure_tiny_model("llama"))
 
@@ -133,7 +133,7 @@ def tiny_llama_dir() -> str:
 @pytest.mark.parametrize("strategy", ["ddp", "fsdp"])
 @pytest.mark.parametrize("name", list(METHODS))
 def test_method_trains_and_reloads_with_peft(strategy, name, tiny_llama_dir, tmp_path):
-    from tunefleet.launcher.export import export
+    from tunefleet.launcher.run.export import export
 
     run_dir = tmp_path / "run"
     write_run(run_dir, tiny_llama_dir, strategy, METHODS[name])

@@ -20,12 +20,12 @@ import pytest
 import torch
 import transformers
 
-from tunefleet.launcher import modeling
-from tunefleet.launcher.plan import strategy_plan
-from tunefleet.launcher.planner import plan_report
-from tunefleet.launcher.recipe import Recipe, recipe_from_dict
-from tunefleet.launcher.steps import token_loss_sum, train_step
-from tunefleet.launcher.throughput import held_bytes
+from tunefleet.launcher.model import modeling
+from tunefleet.launcher.plan.layout import strategy_plan
+from tunefleet.launcher.plan.memory_fit import plan_report
+from tunefleet.launcher.config.recipe import Recipe, recipe_from_dict
+from tunefleet.launcher.objectives.sft import token_loss_sum, train_step
+from tunefleet.launcher.training.throughput import held_bytes
 from tunefleet.strategies.base import create
 
 from .harness import run_ranks

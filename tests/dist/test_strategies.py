@@ -133,8 +133,8 @@ def _held_bytes(strategy) -> int:
 
 def _build(run: Run, model_dir: str):
     """The strategy set up on the model loaded by path, as ``launcher/train.py`` does it."""
-    from tunefleet.launcher.modeling import load_model, make_optimizer_factory, make_scheduler_factory, param_groups
-    from tunefleet.launcher.recipe import MethodConfig, ModelConfig, TrainConfig
+    from tunefleet.launcher.model.modeling import load_model, make_optimizer_factory, make_scheduler_factory, param_groups
+    from tunefleet.launcher.config.recipe import MethodConfig, ModelConfig, TrainConfig
     from tunefleet.strategies.base import StrategyPlan, create
 
     train = TrainConfig(max_steps=NUM_STEPS, micro_batch_size=run.micro, grad_accum_steps=run.accum,
@@ -154,7 +154,7 @@ def _build(run: Run, model_dir: str):
 
 
 def _train(run: Run, model_dir: str, workdir: Path) -> dict:
-    from tunefleet.launcher.steps import evaluate, train_step
+    from tunefleet.launcher.objectives.sft import evaluate, train_step
 
     device = torch.device("cuda", torch.cuda.current_device()) if run.use_gpu else torch.device("cpu")
     strategy, module_keys = _build(run, model_dir)

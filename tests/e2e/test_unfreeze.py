@@ -8,7 +8,7 @@ from safetensors.torch import load_file
 
 from tests.conftest import tunefleet
 from tests.e2e.conftest import FULL, assert_bitwise_equal, final_weights, launch
-from tunefleet.launcher.tiny import ensure_tiny_model
+from tunefleet.launcher.model.tiny import ensure_tiny_model
 
 pytestmark = pytest.mark.e2e
 

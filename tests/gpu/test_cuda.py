@@ -12,10 +12,15 @@ import torch.distributed as dist
 import transformers
 
 from tests.conftest import tunefleet
-from tunefleet.launcher import attention, collectives, data, modeling, packing, steps, train
-from tunefleet.launcher.control import StopPoller
-from tunefleet.launcher.recipe import TrainConfig
-from tunefleet.launcher.tiny import ensure_tiny_model
+from tunefleet.launcher import collectives
+from tunefleet.launcher.config.recipe import TrainConfig
+from tunefleet.launcher.data import batches, packing
+from tunefleet.launcher.model import attention, modeling
+from tunefleet.launcher.model.inputs import IGNORE_INDEX
+from tunefleet.launcher.model.tiny import ensure_tiny_model
+from tunefleet.launcher.objectives import sft
+from tunefleet.launcher.training import loop
+from tunefleet.launcher.training.control import StopPoller
 
 from ..dist.harness import free_port
 from ..dist.test_collectives import LocalStrategy
@@ -39,13 +44,13 @@ def nccl_group():
 def test_control_plane_and_a_step_on_the_gpu_workers_group(nccl_group, model_dir):  # noqa: F811
     assert collectives.serves_cpu()
     assert StopPoller(None, 0).agreed() is False  # a CPU flag: gloo
-    assert train.agreed(3.0, CUDA) == 3.0  # a device tensor: NCCL
+    assert loop.agreed(3.0, CUDA) == 3.0  # a device tensor: NCCL
     strategy = LocalStrategy(None)
     strategy.setup(transformers.AutoModelForCausalLM.from_pretrained(model_dir).to(CUDA), None, None, None)
-    assert "device_bytes_per_rank" in train.memory_per_rank(strategy, CUDA)
+    assert "device_bytes_per_rank" in loop.memory_per_rank(strategy, CUDA)
     ids = torch.randint(3, 256, (2, 16))
     batch = {"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": ids.clone()}
-    result = steps.train_step(strategy, [batch], CUDA)
+    result = sft.train_step(strategy, [batch], CUDA)
     assert result.num_tokens == 30 and torch.isfinite(torch.tensor(result.loss))
 
 
@@ -59,10 +64,10 @@ def test_packed_rows_on_the_flash_varlen_kernel_match_unpacked(model_dir, docume
     with torch.no_grad():
         losses = {}
         for name, split in (("unpacked", documents), ("packed", packed)):
-            batch = {k: v.to(CUDA) for k, v in data.collate(split, range(len(split)), pad_id=0).items()}
+            batch = {k: v.to(CUDA) for k, v in batches.collate(split, range(len(split)), pad_id=0).items()}
             logits = attention.forward(model, batch).logits[:, :-1].float()
             losses[name] = torch.nn.functional.cross_entropy(logits.transpose(1, 2), batch["labels"][:, 1:],
-                                                             ignore_index=data.IGNORE_INDEX)
+                                                             ignore_index=IGNORE_INDEX)
     torch.testing.assert_close(losses["packed"], losses["unpacked"], rtol=2e-2, atol=0)
 
 

@@ -12,11 +12,11 @@ import pytest
 import yaml
 
 from tests.conftest import REPO, tunefleet
-from tunefleet.launcher import checkpoint
-from tunefleet.launcher.best_metric import BestMetric
-from tunefleet.launcher.checkpoint import CheckpointManager
+from tunefleet.launcher.config.recipe import MethodConfig, load_recipe
 from tunefleet.launcher.errors import RecipeError, UserError
-from tunefleet.launcher.recipe import MethodConfig, load_recipe
+from tunefleet.launcher.evaluation.best_metric import BestMetric
+from tunefleet.launcher.training import checkpoint
+from tunefleet.launcher.training.checkpoint import CheckpointManager
 
 from .test_checkpoint import FileStrategy
 
@@ -176,7 +176,7 @@ EVAL_DATA = str(REPO / "recipes" / "tiny" / "data" / "alpaca_eval.jsonl")
     ("adapter_mismatch", "holds a full model but the recipe says method.kind lora"),
 ])
 def test_eval_mistakes_name_the_fix_before_ray_starts(run_dir, tmp_path, case, expected):
-    from tunefleet.launcher.evaluate import run_eval
+    from tunefleet.launcher.evaluation.evaluate import run_eval
 
     target, data, metrics, overrides = run_dir, Path(EVAL_DATA), [], []
     if case == "missing_data":

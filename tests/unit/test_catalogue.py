@@ -8,11 +8,11 @@ import pytest
 import yaml
 
 from tests.conftest import REPO, tunefleet
-from tunefleet.launcher import plan as plan_module
-from tunefleet.launcher.catalogue import catalogue_recipes, entry, parse_name, read_header
+from tunefleet.launcher.config.catalogue import catalogue_recipes, entry, parse_name, read_header
+from tunefleet.launcher.config.recipe import load_recipe
 from tunefleet.launcher.errors import RecipeError
-from tunefleet.launcher.planner import plan_report
-from tunefleet.launcher.recipe import load_recipe
+from tunefleet.launcher.plan import layout as plan_module
+from tunefleet.launcher.plan.memory_fit import plan_report
 from tunefleet.strategies.memory import GiB
 
 CATALOGUE = catalogue_recipes()
@@ -57,7 +57,7 @@ def _layout_problems(path, recipe, header) -> list[str]:
 
 @pytest.mark.parametrize("path", CATALOGUE, ids=lambda path: path.stem)
 def test_recipe_validates_and_fits_its_cluster(path, monkeypatch):
-    from tunefleet.launcher.driver import check_recipe
+    from tunefleet.launcher.run.driver import check_recipe
 
     recipe, header = load_recipe(path), read_header(path)
     problems = _layout_problems(path, recipe, header)

@@ -7,8 +7,8 @@ from pathlib import Path
 
 import torch
 
-from tunefleet.launcher import checkpoint
-from tunefleet.launcher.checkpoint import CheckpointManager
+from tunefleet.launcher.training import checkpoint
+from tunefleet.launcher.training.checkpoint import CheckpointManager
 
 
 class FileStrategy:

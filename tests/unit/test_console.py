@@ -8,7 +8,7 @@ import json
 
 from rich.console import Console
 
-from tunefleet.launcher.console import LaunchConsole
+from tunefleet.launcher.run.console import LaunchConsole
 
 
 def _row(step: int, tokens_per_s: float, step_time_s: float) -> dict:

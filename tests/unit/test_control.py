@@ -10,7 +10,7 @@ import time
 
 CHILD = """
 import sys, time
-from tunefleet.launcher import control
+from tunefleet.launcher.training import control
 
 class Remote:
     def __init__(self, name):

@@ -6,10 +6,11 @@ import numpy as np
 import pytest
 import torch
 
-from tunefleet.launcher import data
-from tunefleet.launcher.data import IGNORE_INDEX, TokenizedSplit
+from tunefleet.launcher.data import batches
+from tunefleet.launcher.data.batches import TokenizedSplit
 from tunefleet.launcher.errors import UserError
-from tunefleet.launcher.plan import rebalance
+from tunefleet.launcher.model.inputs import IGNORE_INDEX, model_inputs
+from tunefleet.launcher.plan.layout import rebalance
 from tunefleet.strategies.base import StrategyPlan
 
 
@@ -32,7 +33,7 @@ def global_sequence(world_size: int, micro: int, accum: int, steps=range(0, 14))
     split = make_split([3] * 100)
     out = []
     for step in steps:
-        per_rank = [sum((rows_of(mb) for mb in data.rank_micro_batches(
+        per_rank = [sum((rows_of(mb) for mb in batches.rank_micro_batches(
             split, step, rank=rank, world_size=world_size, micro_batch_size=micro, grad_accum_steps=accum,
             seed=3, pad_id=0)), []) for rank in range(world_size)]
         out.append([per_rank[i % world_size][i // world_size] for i in range(world_size * micro * accum)])
@@ -56,76 +57,76 @@ def test_a_global_batch_that_does_not_split_over_the_workers_is_refused_naming_t
 
 
 def test_each_epoch_visits_every_example_once_and_the_seed_matters():
-    batches = [data.global_batch_indices(48, step, 16, seed=0) for step in range(3)]
-    assert sorted(np.concatenate(batches).tolist()) == list(range(48))
-    assert not np.array_equal(data.global_batch_indices(100, 0, 16, 1), data.global_batch_indices(100, 0, 16, 2))
+    picked = [batches.global_batch_indices(48, step, 16, seed=0) for step in range(3)]
+    assert sorted(np.concatenate(picked).tolist()) == list(range(48))
+    assert not np.array_equal(batches.global_batch_indices(100, 0, 16, 1), batches.global_batch_indices(100, 0, 16, 2))
 
 
 def test_resuming_at_a_step_gives_the_same_batches():
     split = make_split([2] * 30)
     kwargs = dict(rank=1, world_size=2, micro_batch_size=2, grad_accum_steps=2, seed=5, pad_id=0)
-    first = [rows_of(mb) for step in range(9) for mb in data.rank_micro_batches(split, step, **kwargs)]
-    resumed = [rows_of(mb) for step in range(6, 9) for mb in data.rank_micro_batches(split, step, **kwargs)]
+    first = [rows_of(mb) for step in range(9) for mb in batches.rank_micro_batches(split, step, **kwargs)]
+    resumed = [rows_of(mb) for step in range(6, 9) for mb in batches.rank_micro_batches(split, step, **kwargs)]
     assert resumed == first[-6:]
 
 
 def test_eval_batches_equal_count_on_every_rank():
     split = make_split([2] * 7)
-    counts = [len(data.eval_batches(split, rank=r, world_size=3, batch_size=2, max_rows=None, pad_id=0))
+    counts = [len(batches.eval_batches(split, rank=r, world_size=3, batch_size=2, max_rows=None, pad_id=0))
               for r in range(3)]
     assert counts == [2, 2, 2]
-    last = data.eval_batches(split, rank=2, world_size=3, batch_size=2, max_rows=None, pad_id=0)[-1]
+    last = batches.eval_batches(split, rank=2, world_size=3, batch_size=2, max_rows=None, pad_id=0)[-1]
     assert (last["labels"] == IGNORE_INDEX).all()  # an empty batch is one ignored pad row
 
 
 # --------------------------------------------------------------------------- batches
 def test_collate_right_pads_and_ignores_the_padding():
-    batch = data.collate(make_split([2, 4]), [0, 1], pad_id=7)
+    batch = batches.collate(make_split([2, 4]), [0, 1], pad_id=7)
     assert batch["input_ids"].tolist() == [[0, 1, 7, 7], [100, 101, 102, 103]]
     assert batch["attention_mask"].tolist() == [[1, 1, 0, 0], [1, 1, 1, 1]]
     assert batch["labels"][0].tolist() == [0, 1, IGNORE_INDEX, IGNORE_INDEX]
-    assert "position_ids" not in batch and set(data.model_inputs(batch)) == {"input_ids", "attention_mask"}
+    assert "position_ids" not in batch and set(model_inputs(batch)) == {"input_ids", "attention_mask"}
 
 
 def test_pairs_collate_chosen_rows_then_rejected_rows():
     split = make_split([2, 3, 2, 2, 4, 2], rows_per_example=2)  # pairs (0, 1), (2, 3), (4, 5)
     assert split.num_examples == 3
-    assert rows_of(data.collate(split, [2, 0], pad_id=0)) == [4, 0, 5, 1]
-    assert data.collate(split, [], pad_id=0)["input_ids"].shape == (2, 1)  # an empty pair keeps ranks in step
+    assert rows_of(batches.collate(split, [2, 0], pad_id=0)) == [4, 0, 5, 1]
+    assert batches.collate(split, [], pad_id=0)["input_ids"].shape == (2, 1)  # an empty pair keeps ranks in step
     assert split.take([2]).row(1)[0].tolist() == [500, 501]
 
 
 def test_classification_batches_carry_one_label_per_row():
     split = make_split([2, 3, 1], classes=[4, 0, 2])
-    batch = data.collate(split, [2, 0], pad_id=0)
+    batch = batches.collate(split, [2, 0], pad_id=0)
     assert batch["labels"].tolist() == [2, 4] and batch["input_ids"].shape == (2, 2)
-    assert data.collate(split, [], pad_id=0)["labels"].tolist() == [IGNORE_INDEX]
+    assert batches.collate(split, [], pad_id=0)["labels"].tolist() == [IGNORE_INDEX]
 
 
 def test_packed_batches_restart_positions_and_leave_the_mask_to_the_model():
     split = TokenizedSplit(np.arange(7, dtype=np.int32), np.arange(7, dtype=np.int32), np.asarray([0, 5, 7]),
                            position_ids=np.asarray([0, 1, 2, 0, 1, 0, 1], np.int32))
-    batch = data.collate(split, [0, 1], pad_id=0)
+    batch = batches.collate(split, [0, 1], pad_id=0)
     assert batch["position_ids"].tolist() == [[0, 1, 2, 0, 1], [0, 1, 0, 1, 2]]
     assert batch["attention_mask"].sum() == 7  # still counts real tokens
-    assert set(data.model_inputs(batch)) == {"input_ids", "position_ids"}
+    assert set(model_inputs(batch)) == {"input_ids", "position_ids"}
 
 
 def test_splits_round_trip_through_memory_mapped_files(tmp_path):
     split = make_split([2, 3, 2, 2], rows_per_example=2)
     split.save(tmp_path / "train")
-    loaded = data.open_split(tmp_path, "train")
+    loaded = batches.open_split(tmp_path, "train")
     assert isinstance(loaded.input_ids, np.memmap) and loaded.rows_per_example == 2
     assert [loaded.row(i)[0].tolist() for i in range(4)] == [split.row(i)[0].tolist() for i in range(4)]
-    assert data.open_split(tmp_path, "eval") is None
-    joined = data.concat([split, loaded.take([1])])
+    assert batches.open_split(tmp_path, "eval") is None
+    joined = batches.concat([split, loaded.take([1])])
     assert joined.num_examples == 3 and joined.row(5)[0].tolist() == [300, 301]
-    assert isinstance(data.collate(joined, [2], pad_id=0)["input_ids"], torch.Tensor)
+    assert isinstance(batches.collate(joined, [2], pad_id=0)["input_ids"], torch.Tensor)
 
 
 def test_concat_passes_over_empty_splits():
     empty = make_split([2]).take([])
-    joined = data.concat([empty, make_split([2, 3]), empty, make_split([1]).take([0]), empty])
+    joined = batches.concat([empty, make_split([2, 3]), empty, make_split([1]).take([0]), empty])
     assert joined.offsets.tolist() == [0, 2, 5, 6]
     assert [joined.row(i)[0].tolist() for i in range(3)] == [[0, 1], [100, 101, 102], [0]]
-    assert data.concat([empty, empty]).num_examples == 0
+    assert batches.concat([empty, empty]).num_examples == 0

@@ -12,8 +12,10 @@ import torch
 from transformers import AutoTokenizer
 
 from tests.conftest import REPO
-from tunefleet.launcher import data, dpo, modeling, preprocess
-from tunefleet.launcher.recipe import load_recipe
+from tunefleet.launcher.config.recipe import load_recipe
+from tunefleet.launcher.data import batches, preprocess
+from tunefleet.launcher.model import modeling
+from tunefleet.launcher.objectives import dpo
 
 RECIPE = REPO / "recipes" / "tiny" / "llama-dpo-ddp.yaml"
 CPU = torch.device("cpu")
@@ -53,7 +55,7 @@ def prepared(tmp_path_factory):
     recipe = load_recipe(RECIPE, [f"data.cache_dir={tmp_path_factory.mktemp('cache')}"])
     model_path = modeling.resolve_model_path(recipe.model)
     folder = preprocess.prepare(recipe.data, AutoTokenizer.from_pretrained(model_path), model_path, seed=0)
-    return recipe, model_path, data.open_split(folder, "train"), data.open_split(folder, "eval")
+    return recipe, model_path, batches.open_split(folder, "train"), batches.open_split(folder, "eval")
 
 
 def test_loss_rewards_and_accuracy_on_known_log_probabilities():
@@ -71,14 +73,14 @@ def test_a_lora_reference_is_the_policy_with_adapters_disabled(prepared):
     policy = modeling.load_model(recipe.model, lora, model_path)
     assert dpo.load_reference(recipe.model_copy(update={"method": lora}), model_path, CPU) is None
     strategy = LocalStrategy(policy, lr=1e-2)
-    batches = data.rank_micro_batches(train, 0, rank=0, world_size=1, micro_batch_size=4, grad_accum_steps=1,
+    micro = batches.rank_micro_batches(train, 0, rank=0, world_size=1, micro_batch_size=4, grad_accum_steps=1,
                                       seed=0, pad_id=0)
-    before = dpo.reference_logps(strategy, None, batches[0])
-    first = dpo.dpo_step(strategy, None, batches, CPU, beta=0.1)
+    before = dpo.reference_logps(strategy, None, micro[0])
+    first = dpo.dpo_step(strategy, None, micro, CPU, beta=0.1)
     assert first.loss == pytest.approx(math.log(2), rel=1e-6) and first.num_pairs == 4  # LoRA starts as the base
-    dpo.dpo_step(strategy, None, batches, CPU, beta=0.1)
-    torch.testing.assert_close(dpo.reference_logps(strategy, None, batches[0]), before)
-    assert not torch.allclose(dpo.sequence_logps(policy, batches[0]), before) and policy.training
+    dpo.dpo_step(strategy, None, micro, CPU, beta=0.1)
+    torch.testing.assert_close(dpo.reference_logps(strategy, None, micro[0]), before)
+    assert not torch.allclose(dpo.sequence_logps(policy, micro[0]), before) and policy.training
 
 
 def test_preference_accuracy_rises_on_the_shipped_pairs(prepared):
@@ -87,13 +89,13 @@ def test_preference_accuracy_rises_on_the_shipped_pairs(prepared):
     policy = modeling.load_model(recipe.model, recipe.method, model_path)
     reference = dpo.load_reference(recipe, model_path, CPU)
     strategy = LocalStrategy(policy, lr=3e-3)
-    held_out = data.eval_batches(evaluation, rank=0, world_size=1, batch_size=25, max_rows=100, pad_id=0)
+    held_out = batches.eval_batches(evaluation, rank=0, world_size=1, batch_size=25, max_rows=100, pad_id=0)
     before = dpo.dpo_evaluate(strategy, reference, held_out, CPU, beta=recipe.method.beta)
     accuracy = []
     for step in range(40):
-        batches = data.rank_micro_batches(train, step, rank=0, world_size=1, micro_batch_size=4,
+        micro = batches.rank_micro_batches(train, step, rank=0, world_size=1, micro_batch_size=4,
                                           grad_accum_steps=1, seed=0, pad_id=0)
-        accuracy.append(dpo.dpo_step(strategy, reference, batches, CPU, beta=recipe.method.beta).reward_accuracy)
+        accuracy.append(dpo.dpo_step(strategy, reference, micro, CPU, beta=recipe.method.beta).reward_accuracy)
     after = dpo.dpo_evaluate(strategy, reference, held_out, CPU, beta=recipe.method.beta)
     assert before["eval_reward_accuracy"] == 0.0 and before["eval_loss"] == pytest.approx(math.log(2))
     assert after["eval_reward_accuracy"] >= 0.65 and after["eval_loss"] < 0.66

@@ -15,11 +15,11 @@ from pathlib import Path
 import pytest
 import torch
 
-from tunefleet.launcher import modeling
+from tunefleet.launcher.config.recipe import RESOLVED_RECIPE, Recipe
 from tunefleet.launcher.errors import UserError
-from tunefleet.launcher.export import export, read_run_recipe
-from tunefleet.launcher.recipe import RESOLVED_RECIPE, Recipe
-from tunefleet.launcher.tiny import ensure_tiny_model
+from tunefleet.launcher.model import modeling
+from tunefleet.launcher.model.tiny import ensure_tiny_model
+from tunefleet.launcher.run.export import export, read_run_recipe
 
 SEQ_LEN = 16
 VOCAB_SIZE = 1024  # tiny:llama's tokenizer

@@ -9,7 +9,7 @@ import socket
 import subprocess
 import sys
 
-from tunefleet.launcher import failures
+from tunefleet.launcher.training import failures
 
 ACTOR_DIED = ("The actor died unexpectedly before finishing this task.\n\tclass_name: RayTrainWorker\n"
               "\tactor_id: 8fe6\n\tpid: 4242\n\tip: 10.0.0.7\nThe actor is dead because its worker process has "
@@ -86,7 +86,7 @@ def test_a_real_segfault_and_a_real_sigterm_leave_their_reports(tmp_path):
     """A child process arms the reports as a worker does, then dies by the signal."""
     for signum, expected in ((signal.SIGSEGV, "crashed: SIGSEGV (segmentation fault)"),
                              (signal.SIGTERM, "received SIGTERM")):
-        code = ("import os, signal\nfrom tunefleet.launcher import failures\n"
+        code = ("import os, signal\nfrom tunefleet.launcher.training import failures\n"
                 f"failures.watch({str(tmp_path)!r}, 2, node_ip='10.0.0.9', node_id='cd')\n"
                 f"os.kill(os.getpid(), {int(signum)})\nimport time; time.sleep(10)\n")
         proc = subprocess.run([sys.executable, "-c", code], capture_output=True, timeout=60)

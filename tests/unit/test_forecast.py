@@ -5,8 +5,8 @@ from __future__ import annotations
 import pytest
 
 from tests.conftest import REPO
-from tunefleet.launcher.forecast import forecast
-from tunefleet.launcher.recipe import load_recipe
+from tunefleet.launcher.config.recipe import load_recipe
+from tunefleet.launcher.run.forecast import forecast
 
 
 def test_forecast_scales_steady_state_steps_to_the_whole_run():

@@ -12,12 +12,12 @@ import pytest
 from pydantic import ValidationError
 from transformers import AutoTokenizer
 
-from tunefleet.launcher import sources
-from tunefleet.launcher.data import IGNORE_INDEX
+from tunefleet.launcher.config.recipe import DataConfig, DataSource
+from tunefleet.launcher.data import sources
+from tunefleet.launcher.data.preprocess import encode_source
 from tunefleet.launcher.errors import DataError
-from tunefleet.launcher.preprocess import encode_source
-from tunefleet.launcher.recipe import DataConfig, DataSource
-from tunefleet.launcher.tiny import ensure_tiny_model
+from tunefleet.launcher.model.inputs import IGNORE_INDEX
+from tunefleet.launcher.model.tiny import ensure_tiny_model
 
 CHAT = [
     {"role": "system", "content": "Be brief."}, {"role": "user", "content": "Uppercase: ab"},

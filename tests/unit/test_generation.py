@@ -7,10 +7,11 @@ import numpy as np
 import pytest
 
 from tests.conftest import REPO
-from tunefleet.launcher import generation
-from tunefleet.launcher.data import IGNORE_INDEX, TokenizedSplit
+from tunefleet.launcher.config.recipe import load_recipe
+from tunefleet.launcher.data.batches import TokenizedSplit
 from tunefleet.launcher.errors import RecipeError
-from tunefleet.launcher.recipe import load_recipe
+from tunefleet.launcher.evaluation import generation
+from tunefleet.launcher.model.inputs import IGNORE_INDEX
 
 FULL = REPO / "recipes" / "tiny" / "llama-full-ddp.yaml"
 GENERATE = "data.eval.generate={max_prompts: 8, max_new_tokens: 4}"

@@ -6,10 +6,11 @@ import pytest
 import torch
 import transformers
 
-from tunefleet.launcher import attention, data, modeling, packing
+from tunefleet.launcher.config.recipe import TrainConfig
+from tunefleet.launcher.data import batches, packing
 from tunefleet.launcher.errors import RecipeError
-from tunefleet.launcher.plan import make_plan
-from tunefleet.launcher.recipe import TrainConfig
+from tunefleet.launcher.model import attention, modeling
+from tunefleet.launcher.plan.layout import make_plan
 from tunefleet.strategies.layers import compile_layers
 
 from .test_packing import documents  # noqa: F401 (fixture)
@@ -44,7 +45,7 @@ def test_compiled_layers_compute_the_eager_loss_on_packed_rows(model_dir, docume
     """parallelism.compile: every decoder layer compiled (inductor, here on CPU), the same loss and
     gradients as eager on packed rows passed with document boundaries."""
     attention.register()
-    batch = data.collate(packing.pack(documents, max_seq_len=128), range(4), pad_id=0)
+    batch = batches.collate(packing.pack(documents, max_seq_len=128), range(4), pad_id=0)
     results = []
     for compiled in (False, True):
         model = transformers.AutoModelForCausalLM.from_pretrained(model_dir, attn_implementation=attention.NAME)
@@ -59,7 +60,7 @@ def test_compiled_layers_compute_the_eager_loss_on_packed_rows(model_dir, docume
 
 def test_compile_with_deepspeed_is_refused_naming_the_key(tmp_path):
     from tests.conftest import REPO
-    from tunefleet.launcher.recipe import load_recipe
+    from tunefleet.launcher.config.recipe import load_recipe
 
     recipe = load_recipe(REPO / "recipes" / "tiny" / "llama-full-ddp.yaml",
                          overrides=["parallelism.strategy=deepspeed_zero3", "parallelism.compile=true"])

@@ -47,7 +47,7 @@ def test_wheel_contains_only_tunefleet_packages(tmp_path):
     for module in ("launcher/cli.py", "strategies/ddp.py", "cluster/__init__.py"):
         assert f"tunefleet/{module}" in names
     entry_points = zipfile.ZipFile(wheel).read(next(n for n in names if n.endswith("entry_points.txt")))
-    assert b"tunefleet = tunefleet.launcher.cli:main" in entry_points
+    assert b"tunefleet = tunefleet.launcher.cli.app:main" in entry_points
 
 
 COLLECTIVES = {"all_reduce", "all_gather", "broadcast", "barrier", "broadcast_object_list", "all_gather_object",

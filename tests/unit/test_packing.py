@@ -9,11 +9,12 @@ import torch.nn.functional as F
 import transformers
 
 from tests.conftest import REPO
-from tunefleet.launcher import attention, data, packing
-from tunefleet.launcher.data import IGNORE_INDEX
-from tunefleet.launcher.preprocess import encode_source
-from tunefleet.launcher.recipe import DataConfig, DataSource
-from tunefleet.launcher.tiny import ensure_tiny_model
+from tunefleet.launcher.config.recipe import DataConfig, DataSource
+from tunefleet.launcher.data import batches, packing
+from tunefleet.launcher.data.preprocess import encode_source
+from tunefleet.launcher.model import attention
+from tunefleet.launcher.model.inputs import IGNORE_INDEX
+from tunefleet.launcher.model.tiny import ensure_tiny_model
 
 TEXT = REPO / "recipes" / "tiny" / "data" / "text_reference.jsonl"
 
@@ -65,8 +66,8 @@ def test_every_document_has_the_same_token_losses_packed_and_unpacked(model_dir,
     model = transformers.AutoModelForCausalLM.from_pretrained(model_dir, attn_implementation=attn).eval()
     packed = packing.pack(documents, max_seq_len=128)
     with torch.no_grad():
-        unpacked_losses = token_losses(model, data.collate(documents, range(len(documents)), pad_id=0), boundaries)
-        packed_losses = token_losses(model, data.collate(packed, range(len(packed)), pad_id=0), boundaries)
+        unpacked_losses = token_losses(model, batches.collate(documents, range(len(documents)), pad_id=0), boundaries)
+        packed_losses = token_losses(model, batches.collate(packed, range(len(packed)), pad_id=0), boundaries)
     offsets = np.asarray(documents.offsets)
     expected = {tuple(np.asarray(documents.input_ids[offsets[d]:offsets[d + 1]]).tolist()):
                 unpacked_losses[d, : offsets[d + 1] - offsets[d] - 1] for d in range(len(documents))}

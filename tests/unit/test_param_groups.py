@@ -5,10 +5,10 @@ from __future__ import annotations
 import pytest
 import torch
 
-from tunefleet.launcher import modeling
+from tunefleet.launcher.config.recipe import MethodConfig, ModelConfig, TrainConfig, UnfreezeStep
 from tunefleet.launcher.errors import RecipeError
-from tunefleet.launcher.param_groups import apply_unfreeze, matches
-from tunefleet.launcher.recipe import MethodConfig, ModelConfig, TrainConfig, UnfreezeStep
+from tunefleet.launcher.model import modeling
+from tunefleet.launcher.model.param_groups import apply_unfreeze, matches
 
 LR, DECAY, HEAD_LR = 1e-3, 0.5, 1e-2
 NUM_LAYERS = 4  # tiny:llama
@@ -199,8 +199,8 @@ def test_new_peft_methods_are_allowed_where_they_were_checked(strategy, method):
 
 
 def test_the_planner_rejects_unknown_patterns_before_any_worker_starts():
-    from tunefleet.launcher.planner import build_meta_model
-    from tunefleet.launcher.recipe import Recipe
+    from tunefleet.launcher.config.recipe import Recipe
+    from tunefleet.launcher.plan.memory_fit import build_meta_model
 
     raw = {"name": "x", "output_dir": "/tmp/x", "model": {"path": "tiny:llama"}, "method": {"freeze": ["model.norm"]},
            "data": {"sources": [{"path": "/tmp/x.jsonl", "format": "text"}]},

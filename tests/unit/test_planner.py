@@ -1,4 +1,4 @@
-"""The memory planner (tunefleet.launcher.planner) and its arithmetic (tunefleet.strategies.memory)."""
+"""The memory planner (tunefleet.launcher.plan.memory_fit) and its arithmetic (tunefleet.strategies.memory)."""
 
 from __future__ import annotations
 
@@ -8,9 +8,9 @@ import pytest
 import transformers
 from rich.console import Console
 
-from tunefleet.launcher import planner
+from tunefleet.launcher.config.recipe import Recipe, recipe_from_dict
 from tunefleet.launcher.errors import RecipeError, UserError
-from tunefleet.launcher.recipe import Recipe, recipe_from_dict
+from tunefleet.launcher.plan import memory_fit
 from tunefleet.strategies import memory
 from tunefleet.strategies.memory import GiB, ModelShape, TrainingSetup
 
@@ -138,7 +138,7 @@ def test_full_dpo_keeps_a_reference_copy_and_doubles_the_rows():
 
 def test_lora_counts_adapters_from_the_target_linear_shapes():
     recipe = make_recipe("meta-llama/Llama-3.1-8B", method={"kind": "lora", "lora": {"r": 16}})
-    counts = planner.model_shape(planner.build_meta_model(recipe), quantize_base=False)
+    counts = memory_fit.model_shape(memory_fit.build_meta_model(recipe), quantize_base=False)
     h, kv, ffn = 4096, 1024, 14336
     per_layer = 16 * ((h + h) * 2 + (h + kv) * 2 + (h + ffn) * 3)  # q, o; k, v; gate, up, down
     assert counts.num_trainable_params == 32 * per_layer
@@ -147,7 +147,7 @@ def test_lora_counts_adapters_from_the_target_linear_shapes():
 
 def test_lora_freezes_the_base_and_trains_only_adapters():
     recipe = make_recipe("meta-llama/Llama-3.1-8B", method={"kind": "lora"}, model={"dtype": "bfloat16"})
-    report = planner.plan_report(recipe, gpus_per_node=1)
+    report = memory_fit.plan_report(recipe, gpus_per_node=1)
     ddp, trainable = report.rows[0].memory, report.num_trainable_params
     assert ddp.params_bytes == 2 * (report.num_params - trainable) + 4 * trainable  # bf16 base, fp32 adapters
     assert (ddp.grads_bytes, ddp.optimizer_bytes) == (4 * trainable, 8 * trainable)
@@ -156,7 +156,7 @@ def test_lora_freezes_the_base_and_trains_only_adapters():
 def test_qlora_stores_the_base_linears_in_about_half_a_byte():
     recipe = make_recipe("meta-llama/Llama-3.1-70B", method={"kind": "qlora"}, model={"dtype": "bfloat16"},
                          parallelism={"activation_checkpointing": True})
-    report = planner.plan_report(recipe, gpus_per_node=1)
+    report = memory_fit.plan_report(recipe, gpus_per_node=1)
     ddp = report.rows[0].memory
     assert 35 * GiB < ddp.params_bytes < 45 * GiB  # 4-bit layers plus fp32 embeddings and head
     assert report.choice == "ddp"
@@ -166,7 +166,7 @@ def test_qlora_stores_the_base_linears_in_about_half_a_byte():
 @pytest.mark.parametrize("kind", ["ia3", "prefix_tuning", "prompt_tuning"])
 def test_other_adapter_kinds_plan_a_frozen_base_and_small_fp32_state(kind):
     recipe = make_recipe("meta-llama/Llama-3.1-8B", method={"kind": kind}, model={"dtype": "bfloat16"})
-    report = planner.plan_report(recipe, gpus_per_node=1)
+    report = memory_fit.plan_report(recipe, gpus_per_node=1)
     ddp, trainable = report.rows[0].memory, report.num_trainable_params
     assert 0 < trainable < report.num_params / 1000  # peft built the adapter on the meta model
     assert ddp.params_bytes == 2 * (report.num_params - trainable) + 4 * trainable
@@ -175,13 +175,13 @@ def test_other_adapter_kinds_plan_a_frozen_base_and_small_fp32_state(kind):
 # --------------------------------------------------------------------------- real architectures
 @pytest.mark.parametrize("model_id", sorted(PUBLIC_PARAM_COUNTS))
 def test_shipped_configs_plan_with_their_public_parameter_counts(model_id):
-    report = planner.plan_report(make_recipe(model_id), gpus_per_node=8)
+    report = memory_fit.plan_report(make_recipe(model_id), gpus_per_node=8)
     assert report.num_params == pytest.approx(PUBLIC_PARAM_COUNTS[model_id], rel=0.01)
-    assert {row.memory.strategy for row in report.rows} == set(planner.STRATEGY_ORDER)
+    assert {row.memory.strategy for row in report.rows} == set(memory_fit.STRATEGY_ORDER)
 
 
 def test_every_shipped_config_file_is_covered():
-    assert set(planner.architecture_table()) >= {model_id.lower() for model_id in PUBLIC_PARAM_COUNTS}
+    assert set(memory_fit.architecture_table()) >= {model_id.lower() for model_id in PUBLIC_PARAM_COUNTS}
 
 
 def test_a_local_folder_plans_from_its_config_json(tmp_path):
@@ -189,23 +189,23 @@ def test_a_local_folder_plans_from_its_config_json(tmp_path):
                                       num_attention_heads=4, num_key_value_heads=2, vocab_size=100)
     config.save_pretrained(tmp_path)
     expected = sum(p.numel() for p in transformers.LlamaForCausalLM(config).parameters())
-    assert planner.plan_report(make_recipe(str(tmp_path))).num_params == expected
+    assert memory_fit.plan_report(make_recipe(str(tmp_path))).num_params == expected
 
 
 def test_an_unknown_hub_id_names_the_fix():
     with pytest.raises(UserError, match="model_configs"):
-        planner.plan_report(make_recipe("nobody/unknown-model"))
+        memory_fit.plan_report(make_recipe("nobody/unknown-model"))
 
 
 # --------------------------------------------------------------------------- the choice
 def test_a_tiny_model_picks_ddp():
-    name, reason = planner.choose_strategy(make_recipe("tiny:llama", parallelism={"strategy": "auto"}))
+    name, reason = memory_fit.choose_strategy(make_recipe("tiny:llama", parallelism={"strategy": "auto"}))
     assert name == "ddp"
     assert reason.startswith("ddp fits:") and "per worker" in reason
 
 
 def test_70b_full_on_8x80_gib_cannot_be_ddp():
-    report = planner.plan_report(gpu_recipe("meta-llama/Llama-3.1-70B"))
+    report = memory_fit.plan_report(gpu_recipe("meta-llama/Llama-3.1-70B"))
     ddp = report.rows[0]
     assert ddp.memory.strategy == "ddp" and not ddp.fits
     assert report.choice != "ddp"
@@ -213,18 +213,18 @@ def test_70b_full_on_8x80_gib_cannot_be_ddp():
 
 def test_nothing_fits_names_the_keys_to_change():
     with pytest.raises(RecipeError, match="parallelism.cpu_offload: true") as error:
-        planner.choose_strategy(gpu_recipe("meta-llama/Llama-3.1-70B"))
+        memory_fit.choose_strategy(gpu_recipe("meta-llama/Llama-3.1-70B"))
     assert error.value.problems[0].where == "parallelism.strategy"
 
 
 def test_with_offload_enabled_auto_picks_an_offloading_strategy():
     recipe = gpu_recipe("meta-llama/Llama-3.1-70B", parallelism={"cpu_offload": True})
-    name, reason = planner.choose_strategy(recipe)
-    assert name in planner.OFFLOADABLE and f"{name} + cpu offload fits:" in reason
+    name, reason = memory_fit.choose_strategy(recipe)
+    assert name in memory_fit.OFFLOADABLE and f"{name} + cpu offload fits:" in reason
 
 
 def test_sharding_picks_the_simplest_that_fits():
-    report = planner.plan_report(gpu_recipe("meta-llama/Llama-3.1-8B"), gpu_memory_gib=40)
+    report = memory_fit.plan_report(gpu_recipe("meta-llama/Llama-3.1-8B"), gpu_memory_gib=40)
     fits = [row.memory.strategy for row in report.rows if row.fits and row.blocked is None]
     assert report.choice == fits[0] != "ddp"
     assert report.reason == (
@@ -234,12 +234,12 @@ def test_sharding_picks_the_simplest_that_fits():
 
 def test_more_nodes_shard_further():
     recipe = gpu_recipe("meta-llama/Llama-3.1-70B")
-    one, four = (planner.plan_report(recipe, num_nodes=n).row_for("deepspeed_zero3").memory for n in (1, 4))
+    one, four = (memory_fit.plan_report(recipe, num_nodes=n).row_for("deepspeed_zero3").memory for n in (1, 4))
     assert four.optimizer_bytes == pytest.approx(one.optimizer_bytes / 4, abs=1)
 
 
 def test_row_for_follows_the_recipes_offload_setting():
-    report = planner.plan_report(gpu_recipe("meta-llama/Llama-3.1-8B", parallelism={"cpu_offload": True}))
+    report = memory_fit.plan_report(gpu_recipe("meta-llama/Llama-3.1-8B", parallelism={"cpu_offload": True}))
     assert report.row_for("fsdp").memory.cpu_offload
     assert report.row_for("ddp").blocked == "parallelism.cpu_offload is true"
 
@@ -247,22 +247,22 @@ def test_row_for_follows_the_recipes_offload_setting():
 # --------------------------------------------------------------------------- output
 def test_json_output_round_trips():
     recipe = gpu_recipe("meta-llama/Llama-3.1-8B")
-    text = planner.plan_command_output(recipe, as_json=True)
-    report = planner.PlanReport.model_validate_json(text)
-    assert report == planner.plan_report(recipe)
+    text = memory_fit.plan_command_output(recipe, as_json=True)
+    report = memory_fit.PlanReport.model_validate_json(text)
+    assert report == memory_fit.plan_report(recipe)
     assert json.loads(text)["choice"] == report.choice
 
 
 def test_table_output_shows_every_strategy_and_the_choice():
     console = Console(record=True, width=250)
-    console.print(planner.plan_command_output(gpu_recipe("meta-llama/Llama-3.1-8B"), gpus_per_node=8))
+    console.print(memory_fit.plan_command_output(gpu_recipe("meta-llama/Llama-3.1-8B"), gpus_per_node=8))
     text = console.export_text()
-    for name in planner.STRATEGY_ORDER:
+    for name in memory_fit.STRATEGY_ORDER:
         assert name in text
     assert "fsdp + cpu offload" in text and "choice:" in text
 
 
 def test_the_report_is_frozen():
-    report = planner.plan_report(make_recipe())
+    report = memory_fit.plan_report(make_recipe())
     with pytest.raises(Exception, match="frozen"):
         report.choice = "fsdp"

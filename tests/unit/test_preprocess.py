@@ -13,12 +13,13 @@ from rich.console import Console
 from transformers import AutoTokenizer
 
 from tests.conftest import REPO
-from tunefleet.launcher import data, preprocess, tiny_data
-from tunefleet.launcher.console import LaunchConsole
+from tunefleet.launcher.config.recipe import DataConfig, DataSource, load_recipe
+from tunefleet.launcher.data import batches, preprocess, tiny_data
 from tunefleet.launcher.errors import DataError
-from tunefleet.launcher.plan import make_plan
-from tunefleet.launcher.recipe import DataConfig, DataSource, load_recipe
-from tunefleet.launcher.tiny import ensure_tiny_model
+from tunefleet.launcher.model.inputs import IGNORE_INDEX
+from tunefleet.launcher.model.tiny import ensure_tiny_model
+from tunefleet.launcher.plan.layout import make_plan
+from tunefleet.launcher.run.console import LaunchConsole
 
 TINY_DATA = REPO / "recipes" / "tiny" / "data"
 
@@ -41,7 +42,7 @@ def write_rows(path, numbers):
 
 def outputs(tokenizer, split) -> list[int]:
     """The numeric answer of every example (the target text minus eos)."""
-    texts = [[t for t, lab in zip(*split.row(i), strict=True) if lab != data.IGNORE_INDEX] for i in range(len(split))]
+    texts = [[t for t, lab in zip(*split.row(i), strict=True) if lab != IGNORE_INDEX] for i in range(len(split))]
     return [int(tokenizer.decode(text, skip_special_tokens=True)) for text in texts]
 
 
@@ -59,8 +60,8 @@ def test_cache_is_reused_and_invalidated_by_a_changed_file(tokenizer, tokenizer_
     assert (first / "meta.json").stat().st_mtime_ns == stamp
     write_rows(path, [5])
     second = prepare(tmp_path, tokenizer, tokenizer_dir, source)
-    assert second != first and data.cache_meta(second)["train_rows"] == 1
-    assert isinstance(data.open_split(second, "train").input_ids, np.memmap)
+    assert second != first and batches.cache_meta(second)["train_rows"] == 1
+    assert isinstance(batches.open_split(second, "train").input_ids, np.memmap)
 
 
 def test_a_folder_source_hash_covers_every_file_in_it(tokenizer, tokenizer_dir, tmp_path):
@@ -70,23 +71,23 @@ def test_a_folder_source_hash_covers_every_file_in_it(tokenizer, tokenizer_dir, 
     write_rows(folder / "b.jsonl", range(3, 5))
     source = DataSource(path=str(folder))
     first = prepare(tmp_path, tokenizer, tokenizer_dir, source)
-    assert data.cache_meta(first)["train_rows"] == 5
+    assert batches.cache_meta(first)["train_rows"] == 5
     write_rows(folder / "b.jsonl", range(3, 6))
     assert prepare(tmp_path, tokenizer, tokenizer_dir, source) != first
     write_rows(folder / "c.jsonl", [9])
-    assert data.cache_meta(prepare(tmp_path, tokenizer, tokenizer_dir, source))["train_rows"] == 7
+    assert batches.cache_meta(prepare(tmp_path, tokenizer, tokenizer_dir, source))["train_rows"] == 7
 
 
 def test_weights_set_each_sources_rows_per_epoch(tokenizer, tokenizer_dir, tmp_path):
     small = DataSource(path=str(write_rows(tmp_path / "small.jsonl", range(10))), weight=2.5)
     large = DataSource(path=str(write_rows(tmp_path / "large.jsonl", range(100, 140))), weight=0.5)
     folder = prepare(tmp_path, tokenizer, tokenizer_dir, small, large, seed=4)
-    answers = outputs(tokenizer, data.open_split(folder, "train"))
+    answers = outputs(tokenizer, batches.open_split(folder, "train"))
     from_small, from_large = [a for a in answers if a <= 10], [a for a in answers if a > 100]
     assert len(from_small) == 25 and len(from_large) == 20 and len(set(from_large)) == 20
     assert all(from_small.count(a) in (2, 3) for a in range(1, 11))  # two copies, then 5 rows once more
-    assert [s["epoch_rows"] for s in data.cache_meta(folder)["sources"]] == [25, 20]
-    again = outputs(tokenizer, data.open_split(prepare(tmp_path, tokenizer, tokenizer_dir, small, large, seed=4),
+    assert [s["epoch_rows"] for s in batches.cache_meta(folder)["sources"]] == [25, 20]
+    again = outputs(tokenizer, batches.open_split(prepare(tmp_path, tokenizer, tokenizer_dir, small, large, seed=4),
                                                "train"))
     assert again == answers
 
@@ -94,7 +95,7 @@ def test_weights_set_each_sources_rows_per_epoch(tokenizer, tokenizer_dir, tmp_p
 def test_eval_fraction_holds_out_rows_per_source_before_mixing(tokenizer, tokenizer_dir, tmp_path):
     source = DataSource(path=str(write_rows(tmp_path / "a.jsonl", range(40))), weight=2.0)
     folder = prepare(tmp_path, tokenizer, tokenizer_dir, source, eval={"fraction": 0.25})
-    train, evaluation = data.open_split(folder, "train"), data.open_split(folder, "eval")
+    train, evaluation = batches.open_split(folder, "train"), batches.open_split(folder, "eval")
     assert len(evaluation) == 10 and len(train) == 60
     assert not set(outputs(tokenizer, evaluation)) & set(outputs(tokenizer, train))
 
@@ -102,13 +103,13 @@ def test_eval_fraction_holds_out_rows_per_source_before_mixing(tokenizer, tokeni
 def test_packing_is_reported_and_both_splits_are_packed(tokenizer, tokenizer_dir, tmp_path):
     source = DataSource(path=str(write_rows(tmp_path / "a.jsonl", range(30))))
     options = {"eval": {"fraction": 0.2}, "max_seq_len": 128}  # about 3 rows fit in one
-    plain = data.cache_meta(prepare(tmp_path, tokenizer, tokenizer_dir, source, **options))
+    plain = batches.cache_meta(prepare(tmp_path, tokenizer, tokenizer_dir, source, **options))
     folder = prepare(tmp_path, tokenizer, tokenizer_dir, source, packing=True, **options)
-    packed = data.cache_meta(folder)
+    packed = batches.cache_meta(folder)
     assert packed["train_tokens"] == plain["train_tokens"] and packed["train_rows"] < plain["train_rows"]
     assert packed["epoch_examples"] == plain["train_rows"] == 24
     assert packed["packing_efficiency"] > 2 * plain["packing_efficiency"]
-    assert data.open_split(folder, "eval").position_ids is not None
+    assert batches.open_split(folder, "eval").position_ids is not None
 
 
 def test_no_rows_left_is_an_error_before_any_worker(tokenizer, tokenizer_dir, tmp_path):

@@ -9,9 +9,9 @@ import pytest
 import yaml
 
 from tests.conftest import REPO
-from tunefleet.launcher.driver import check_recipe
+from tunefleet.launcher.config.recipe import Recipe, load_recipe, read_yaml
 from tunefleet.launcher.errors import RecipeError
-from tunefleet.launcher.recipe import Recipe, load_recipe, read_yaml
+from tunefleet.launcher.run.driver import check_recipe
 
 SHIPPED = sorted((REPO / "recipes").rglob("*.yaml"))
 TINY = REPO / "recipes" / "tiny" / "llama-full-ddp.yaml"

@@ -20,9 +20,9 @@ from hypothesis import strategies as st
 from hypothesis.configuration import set_hypothesis_home_dir
 
 from tests.conftest import REPO
-from tunefleet.launcher import cli
+from tunefleet.launcher.cli import app
+from tunefleet.launcher.config.recipe import load_recipe
 from tunefleet.launcher.errors import RecipeError
-from tunefleet.launcher.recipe import load_recipe
 
 # Hypothesis caches what it learns under ./.hypothesis even without a database: keep it with the other caches.
 set_hypothesis_home_dir(REPO / ".cache" / "hypothesis")
@@ -123,5 +123,5 @@ def test_loader_raises_only_recipe_errors(data, resolved, folder):
 def test_validate_exits_0_or_2(data, resolved, folder):
     path = _mutated_recipe(data, resolved, folder)
     with mock.patch.object(sys, "argv", ["tunefleet", "validate", str(path)]), pytest.raises(SystemExit) as exited:
-        cli.main()  # any other exception is a traceback for the user, and fails here
+        app.main()  # any other exception is a traceback for the user, and fails here
     assert exited.value.code in (0, 2)

@@ -11,9 +11,9 @@ import torch
 
 from tests.conftest import REPO
 from tests.unit.test_steps import FixedLogits
-from tunefleet.launcher import reward
+from tunefleet.launcher.config.recipe import load_recipe
 from tunefleet.launcher.errors import RecipeError
-from tunefleet.launcher.recipe import load_recipe
+from tunefleet.launcher.objectives import reward
 
 RECIPE = REPO / "recipes" / "tiny" / "llama-reward-ddp.yaml"
 CPU = torch.device("cpu")

@@ -4,28 +4,28 @@ from __future__ import annotations
 
 import json
 
-from tunefleet.launcher import runs
+from tunefleet.launcher.run import folders
 
 
 def test_a_running_record_whose_driver_died_reads_as_failed(tmp_path):
-    runs.record_state(tmp_path, "running", name="r", max_steps=10)
+    folders.record_state(tmp_path, "running", name="r", max_steps=10)
     record = json.loads((tmp_path / "run.json").read_text())
     record["pid"] = 2**22 + 12345  # no such process
     (tmp_path / "run.json").write_text(json.dumps(record))
     (tmp_path / "metrics.jsonl").write_text(json.dumps({"step": 3, "loss": 1.5, "restarts": 1}) + "\n")
-    (described,) = runs.find_runs(tmp_path)
+    (described,) = folders.find_runs(tmp_path)
     assert described["state"] == "failed" and described["last_step"] == 3 and described["restarts"] == 1
 
 
 def test_states_are_found_below_a_folder(tmp_path):
     for name, state in [("a", "finished"), ("b", "preempted")]:
         (tmp_path / name).mkdir()
-        runs.record_state(tmp_path / name, state, name=name, max_steps=5)
-    assert {r["name"]: r["state"] for r in runs.find_runs(tmp_path)} == {"a": "finished", "b": "preempted"}
+        folders.record_state(tmp_path / name, state, name=name, max_steps=5)
+    assert {r["name"]: r["state"] for r in folders.find_runs(tmp_path)} == {"a": "finished", "b": "preempted"}
 
 
 def test_the_final_state_says_how_the_workers_ended():
-    from tunefleet.launcher.driver import _final_state
+    from tunefleet.launcher.run.driver import _final_state
 
     assert _final_state({}) == "failed"  # rank 0 never sent its last words
     assert _final_state({"preempted_at": 4}) == "preempted"
@@ -36,7 +36,7 @@ def test_the_final_state_says_how_the_workers_ended():
 def test_startup_breakdown_splits_the_time_to_the_first_step(tmp_path):
     import json
 
-    from tunefleet.launcher.driver import startup_breakdown
+    from tunefleet.launcher.run.driver import startup_breakdown
 
     worker = tmp_path / "startup.json"
     assert startup_breakdown({"launch": 0.0}, worker) is None  # no step trained by this launch
@@ -53,17 +53,17 @@ def test_runs_that_share_a_recipe_name_are_told_apart_by_folder_and_start(tmp_pa
 
     from typer.testing import CliRunner
 
-    from tunefleet.launcher.cli import app
+    from tunefleet.launcher.cli.app import app
 
     starts = {"lr-1e-4": 1_700_000_000.0, "lr-3e-4": 1_700_003_600.0}
     for folder, started in starts.items():
         (tmp_path / folder).mkdir()
-        runs.record_state(tmp_path / folder, "running", name="sft", max_steps=5)
+        folders.record_state(tmp_path / folder, "running", name="sft", max_steps=5)
         record = json.loads((tmp_path / folder / "run.json").read_text())
         assert abs(record["started"] - time.time()) < 60
         (tmp_path / folder / "run.json").write_text(json.dumps({**record, "started": started}))
-        runs.record_state(tmp_path / folder, "finished")  # a later state keeps the start
-    assert [(r["name"], r["started"]) for r in runs.find_runs(tmp_path)] == [("sft", s) for s in starts.values()]
+        folders.record_state(tmp_path / folder, "finished")  # a later state keeps the start
+    assert [(r["name"], r["started"]) for r in folders.find_runs(tmp_path)] == [("sft", s) for s in starts.values()]
 
     listed = CliRunner().invoke(app, ["runs", str(tmp_path)])  # stdout is not a terminal: full width
     assert listed.exit_code == 0, listed.output

@@ -7,8 +7,8 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-from tunefleet.launcher.data import IGNORE_INDEX
-from tunefleet.launcher.steps import evaluate_classifier
+from tunefleet.launcher.model.inputs import IGNORE_INDEX
+from tunefleet.launcher.objectives.sft import evaluate_classifier
 
 
 class FixedLogits(torch.nn.Module):

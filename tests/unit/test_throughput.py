@@ -9,9 +9,9 @@ import pytest
 import torch
 import transformers
 
-from tunefleet.launcher import throughput
-from tunefleet.launcher.throughput import PeakFlops
-from tunefleet.launcher.tiny import tiny_config
+from tunefleet.launcher.model.tiny import tiny_config
+from tunefleet.launcher.training import throughput
+from tunefleet.launcher.training.throughput import PeakFlops
 
 
 def test_a_cpu_peak_is_measured_once_and_then_read_from_the_cache(tmp_path, monkeypatch):

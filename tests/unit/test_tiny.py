@@ -1,4 +1,4 @@
-"""The offline tiny models, tokenizer and shipped data (tunefleet.launcher.tiny)."""
+"""The offline tiny models, tokenizer and shipped data (tunefleet.launcher.model.tiny)."""
 
 from __future__ import annotations
 
@@ -11,8 +11,8 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from tunefleet.launcher import tiny
 from tunefleet.launcher.errors import UserError
+from tunefleet.launcher.model import tiny
 
 REPO = Path(__file__).parents[2]
 DATA_DIR = REPO / "recipes" / "tiny" / "data"
@@ -99,7 +99,7 @@ def test_tokenizer_is_deterministic_within_a_process(tokenizer):
 
 def test_tokenizer_is_deterministic_across_processes(tokenizer):
     # Nodes build their own copy: string hashing and Rust's HashMap order must not matter.
-    code = ("from tunefleet.launcher import tiny; "
+    code = ("from tunefleet.launcher.model import tiny; "
             "print(tiny.build_tokenizer(tiny.tokenizer_corpus()).backend_tokenizer.to_str())")
     env = {**os.environ, "PYTHONHASHSEED": "12345"}
     out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True, timeout=120)

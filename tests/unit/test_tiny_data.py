@@ -1,4 +1,4 @@
-"""The shipped capitals task (tunefleet.launcher.tiny_data): held-out phrasings, and
+"""The shipped capitals task (tunefleet.launcher.data.tiny_data): held-out phrasings, and
 references that the generation eval reads back exactly, so exact match can reach 1."""
 
 from __future__ import annotations
@@ -9,8 +9,10 @@ import random
 import pytest
 
 from tests.conftest import REPO
-from tunefleet.launcher import generation, preprocess, tiny, tiny_data
-from tunefleet.launcher.recipe import load_recipe
+from tunefleet.launcher.config.recipe import load_recipe
+from tunefleet.launcher.data import preprocess, tiny_data
+from tunefleet.launcher.evaluation import generation
+from tunefleet.launcher.model import tiny
 
 CAPITALS = REPO / "recipes" / "tiny" / "llama-capitals-ddp.yaml"
 

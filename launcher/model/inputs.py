@@ -1,0 +1,20 @@
+"""What a batch hands the model: the label that means "no loss here", and the forward's keyword arguments."""
+
+from __future__ import annotations
+
+import torch
+
+IGNORE_INDEX = -100  # a label the loss skips (prompt and padding tokens), as Hugging Face models expect
+
+
+def model_inputs(batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """The keyword arguments of the model's forward for a batch from ``collate``.
+
+    Packed batches keep their 2-D ``attention_mask`` for counting tokens but do
+    not pass it: transformers builds the per-document (block-diagonal causal)
+    mask from restarting ``position_ids`` only when no 2-D mask is given and the
+    call has no KV cache (``use_cache=False``); on GPU with flash attention the
+    same inputs take the variable-length path.
+    """
+    drop = {"labels", "attention_mask"} if "position_ids" in batch else {"labels"}
+    return {k: v for k, v in batch.items() if k not in drop}

@@ -1,0 +1,273 @@
+"""The driver: recipe -> checks -> plan -> prepared model/data -> Ray Train.
+
+Everything that can fail because of the user's input fails here, before an
+output folder is written or a worker started.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import re
+import sys
+import tempfile
+import threading
+import time
+import uuid
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+from tunefleet.launcher.config.recipe import RESOLVED_RECIPE, Recipe
+from tunefleet.launcher.data import batches, preprocess, sources
+from tunefleet.launcher.errors import PreflightError, Problem, RecipeError, TrainingFailed, UserError
+from tunefleet.launcher.model import modeling
+from tunefleet.launcher.plan.layout import make_plan, rebalance
+from tunefleet.launcher.plan.memory_fit import plan_report
+from tunefleet.launcher.run import folders, session
+from tunefleet.launcher.run.console import LaunchConsole
+from tunefleet.launcher.training import checkpoint
+from tunefleet.launcher.training.control import EXIT_PREEMPTED, Control, forward_signals_to
+from tunefleet.launcher.training.faults import parse as parse_fault
+from tunefleet.launcher.training.loop import STARTUP_FILE, Job
+from tunefleet.launcher.training.metrics import WandbRun
+from tunefleet.launcher.training.preflight import package_versions
+from tunefleet.strategies.base import StrategyPlan
+
+
+def input_problems(recipe: Recipe) -> list[Problem]:
+    """Missing files and folders the recipe points at, all at once."""
+    problems = []
+    model_problem = modeling.check_model_path(recipe.model) or modeling.check_tiny_spec(recipe.model)
+    if model_problem:
+        problems.append(Problem("model.path", model_problem))
+    return problems + sources.path_problems(recipe.data)
+
+
+def check_recipe(recipe: Recipe, source: str, *, on_this_machine: bool = False):
+    """Raise RecipeError with every input and layout problem; return (plan, reason).
+    ``on_this_machine``: also check this machine's GPUs (an embedded Ray runs the workers here)."""
+    problems = input_problems(recipe)
+    try:
+        plan, reason = make_plan(recipe, source, on_this_machine=on_this_machine)
+    except RecipeError as exc:
+        problems.extend(exc.problems)
+        plan = reason = None
+    if problems:
+        raise RecipeError(source, problems)
+    return plan, reason
+
+
+@dataclass(frozen=True)
+class LaunchResult:
+    output_dir: str
+    summary: dict
+    preempted_at: int | None = None
+
+
+def prepare_job(recipe: Recipe, plan: StrategyPlan, reason: str, resume: str) -> tuple[Job, str]:
+    """With Ray up and the recipe checked (``check_recipe``): settle the plan against any checkpoint,
+    then tokenize once, as a Ray task on this node (bad rows raise DataError here)."""
+    existing = checkpoint.latest(recipe.checkpoint_dir)
+    if existing is not None and resume == "never":
+        raise UserError(
+            f"{recipe.checkpoint_dir} already holds checkpoints (latest {existing.name}); "
+            "use --resume auto to continue, or a new output_dir"
+        )
+    if existing is not None:
+        saved_rows = checkpoint.read_meta(existing).get("global_batch_rows", plan.global_batch_rows)
+        if saved_rows != plan.global_batch_rows:
+            plan = rebalance(plan, world_size=plan.world_size, global_rows=saved_rows)
+            reason += f"; accumulation set to {plan.grad_accum_steps} to keep the checkpoint's global batch"
+    wandb_run_id = checkpoint.read_meta(existing).get("wandb_run_id") if existing else None
+    model_path = modeling.resolve_model_path(recipe.model)
+    data_dir = preprocess.prepare_on_ray(recipe.data, model_path, seed=recipe.train.seed)
+    report = plan_report(recipe)
+    job = Job(
+        recipe=recipe, strategy_plan=plan,
+        host_bytes_needed=report.row_for(plan.name).host_bytes * report.workers_per_node,
+        attachments={"planner": report.model_dump(mode="json")}, model_path=model_path, data_dir=str(data_dir),
+        wandb_run_id=wandb_run_id or uuid.uuid4().hex[:12], launch_id=uuid.uuid4().hex[:12],
+        driver_versions=package_versions(),
+        fault=parse_fault(os.environ.get("TUNEFLEET_FAULT", "")),
+    )
+    return job, reason
+
+
+LAUNCH_LOG = "launch.log"
+
+
+@contextlib.contextmanager
+def library_output_to(path: Path | None) -> Iterator[None]:
+    """Send this process's standard output and error (Ray's forwarded worker logs and error reports, library
+    warnings and banners) to ``path``, appending. The launch console keeps the terminal (see
+    ``LaunchConsole.keep_terminal``). None: no change."""
+    if path is None:
+        yield
+        return
+    sys.stdout.flush()
+    sys.stderr.flush()
+    saved = {fd: os.dup(fd) for fd in (1, 2)}
+    with path.open("ab") as log:
+        for fd in saved:
+            os.dup2(log.fileno(), fd)
+    try:
+        yield
+    finally:
+        sys.stdout.flush()
+        sys.stderr.flush()
+        for fd, copy in saved.items():
+            os.dup2(copy, fd)
+            os.close(copy)
+
+
+def launch(recipe: Recipe, *, source: str, address: str | None = None, resume: str = "auto",
+           console: LaunchConsole | None = None, verbose: bool = True) -> LaunchResult:
+    """``verbose``: leave Ray's and the libraries' output on standard error; otherwise it goes to
+    ``<output_dir>/launch.log`` and the console shows tunefleet's lines only."""
+    console = console or LaunchConsole(enabled=recipe.logging.console)
+    address = session.cluster_address(recipe, address)
+    plan, reason = check_recipe(recipe, source, on_this_machine=address is None)  # before Ray starts
+    started = time.time()
+    output_dir = Path(recipe.output_dir)
+    library_log = None if verbose else Path(tempfile.mkstemp(prefix="tunefleet-launch-", suffix=".log")[1])
+    console.ray_log = None if verbose else str(output_dir / LAUNCH_LOG)
+    if not verbose:
+        console.keep_terminal()
+    try:
+        with library_output_to(library_log):
+            return _launch_on_ray(recipe, plan, reason, console, address=address, resume=resume, started=started)
+    finally:
+        if library_log is not None:
+            _keep_log(library_log, output_dir / LAUNCH_LOG)
+
+
+def _keep_log(written: Path, kept: Path) -> None:
+    """Append this launch's library output to the run folder's log (when the run got a folder); drop the temp."""
+    if kept.parent.is_dir() and written.stat().st_size:
+        with kept.open("ab") as out:
+            out.write(written.read_bytes())
+    written.unlink(missing_ok=True)
+
+
+def _launch_on_ray(recipe: Recipe, plan: StrategyPlan, reason: str, console: LaunchConsole, *,
+                   address: str | None, resume: str, started: float) -> LaunchResult:
+    import ray
+    from ray.util.queue import Queue
+
+    session.connect(recipe, address)
+    phases = {"launch": started, "ray_ready": time.time()}
+    try:
+        job, reason = prepare_job(recipe, plan, reason, resume)
+        phases["job_prepared"] = time.time()
+        output_dir = Path(recipe.output_dir)
+        output_dir.mkdir(parents=True, exist_ok=True)
+        (output_dir / STARTUP_FILE).unlink(missing_ok=True)  # this launch's phases only
+        (output_dir / RESOLVED_RECIPE).write_text(_resolved_yaml(recipe, job, reason))
+        folders.record_state(output_dir, "running", name=recipe.name, max_steps=recipe.train.max_steps,
+                          checkpoint_dir=recipe.checkpoint_dir)
+        console.header(job, reason, batches.cache_meta(Path(job.data_dir)))
+        on_head = {"num_cpus": 0, "scheduling_strategy": session.head_node_affinity()}
+        queue = Queue(maxsize=10_000, actor_options=on_head)
+        control = Control.options(**on_head).remote()
+        forward_signals_to(control, on_signal=lambda _: _exit_after_grace(recipe, console))
+        trainer = session.worker_group(job, queue, control, secret_store=session.secret_store())
+        thread, failure = session.fit_in_background(trainer)
+        tracker = WandbRun(recipe.logging.wandb, output_dir=str(output_dir), run_id=job.wandb_run_id,
+                           name=recipe.name, config=recipe.model_dump(mode="json"))
+        with console.progress(recipe.train.max_steps) as progress:
+            while True:
+                alive = thread.is_alive()
+                events = queue.get_nowait_batch(queue.qsize()) if queue.qsize() else []
+                progress.update(events)
+                tracker.handle(events)
+                if not alive:
+                    break
+                time.sleep(0.2)
+        if failure:
+            folders.record_state(output_dir, "failed")
+            tracker.finish({"state": "failed"})
+            raise _training_failed(recipe, failure[0]) from failure[0]
+    finally:
+        ray.shutdown()
+    if console.finish.get("preflight"):
+        (output_dir / "preflight.json").write_text(json.dumps(console.finish["preflight"], indent=2))
+    preempted_at = console.finish.get("preempted_at")
+    folders.record_state(output_dir, _final_state(console.finish))
+    if console.finish.get("preflight_failed"):
+        raise PreflightError("preflight failed:\n" + "\n".join(f"  - {p}" for p in console.finish["preflight_failed"]))
+    summary = console.summary(output_dir, wall_time_s=time.time() - started)
+    summary["startup_s"] = startup_breakdown(phases, output_dir / STARTUP_FILE)
+    tracker.finish(summary)
+    (output_dir / "summary.json").write_text(json.dumps(summary, indent=2))
+    return LaunchResult(output_dir=str(output_dir), summary=summary, preempted_at=preempted_at)
+
+
+def startup_breakdown(driver_phases: dict[str, float], worker_file: Path) -> dict[str, float] | None:
+    """Seconds spent in each phase from `tunefleet launch` to the end of the first step (of the last
+    attempt): Ray start, job preparation (model folder, tokenization, planning), worker group start,
+    preflight, model load, strategy setup (wrapping, sharding, compilation), first step."""
+    if not worker_file.is_file():
+        return None
+    marks = {**driver_phases, **json.loads(worker_file.read_text())}
+    order = ["launch", "ray_ready", "job_prepared", "worker_start", "preflight_done", "model_loaded",
+             "strategy_ready", "first_step_done"]
+    names = ["ray_start", "job_preparation", "worker_group_start", "preflight", "model_load", "strategy_setup",
+             "first_step"]
+    parts = {name: round(marks[b] - marks[a], 2) for name, a, b in zip(names, order[:-1], order[1:], strict=True)}
+    return {**parts, "total": round(marks["first_step_done"] - marks["launch"], 2)}
+
+
+def _final_state(finish: dict) -> str:
+    """The run's state for `tunefleet runs`, from rank 0's last words (none: the workers never finished)."""
+    if not finish:
+        return "failed"
+    if finish.get("preempted_at"):
+        return "preempted"
+    return "stopped early" if finish.get("stopped_early_at") else "finished"
+
+
+def _exit_after_grace(recipe: Recipe, console: LaunchConsole) -> None:
+    """Once a stop is requested, give workers the grace period, then leave regardless."""
+
+    def expire() -> None:
+        console.console.print(
+            f"preemption grace of {recipe.fault_tolerance.preemption_grace_s:.0f}s ran out; exiting; "
+            "the next launch resumes from the latest complete checkpoint"
+        )
+        os._exit(EXIT_PREEMPTED)
+
+    console.console.print("stop requested: checkpointing, then exiting (Ctrl-C again to exit now)")
+    timer = threading.Timer(recipe.fault_tolerance.preemption_grace_s, expire)
+    timer.daemon = True
+    timer.start()
+
+
+def _training_failed(recipe: Recipe, exc: BaseException) -> TrainingFailed:
+    resumable = checkpoint.latest(recipe.checkpoint_dir)
+    hint = f"; `tunefleet launch` again resumes from {resumable}" if resumable else ""
+    return TrainingFailed(
+        f"training failed after {recipe.fault_tolerance.max_restarts} allowed restart(s): "
+        f"{type(exc).__name__}: {root_cause(str(exc))}{hint} (Ray's full report: "
+        f"{Path(recipe.output_dir) / LAUNCH_LOG}, or run with --verbose)"
+    )
+
+
+def root_cause(report: str) -> str:
+    """The line of a (Ray) error report that names the exception the worker raised, instead of its traceback."""
+    lines = [line.strip() for line in report.splitlines() if line.strip()]
+    raised = [line for line in lines if re.match(r"^[\w.]+(Error|Exception|Interrupt|Exit)\b.*:", line)]
+    return raised[-1] if raised else (lines[0] if lines else "")
+
+
+def _resolved_yaml(recipe: Recipe, job: Job, reason: str) -> str:
+    import yaml
+
+    resolved = recipe.model_dump(mode="json")
+    resolved["parallelism"]["strategy"] = job.strategy_plan.name
+    header = (
+        f"# Resolved by tunefleet: every default filled in, paths absolute.\n"
+        f"# strategy: {job.strategy_plan.name} ({reason})\n# model files: {job.model_path}\n"
+    )
+    return header + yaml.safe_dump(resolved, sort_keys=False)

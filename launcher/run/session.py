@@ -1,0 +1,108 @@
+"""Ray session plumbing that `tunefleet launch` and `tunefleet eval` share: which cluster to join, joining
+it, the workers' environment and secrets, the Ray Train worker group, and running it in the background."""
+
+from __future__ import annotations
+
+import os
+import threading
+from pathlib import Path
+
+from tunefleet.launcher.collectives import process_group_backend
+from tunefleet.launcher.config.recipe import Recipe
+from tunefleet.launcher.training import secrets
+from tunefleet.launcher.training.loop import Job
+
+FORWARDED_ENV = ("TUNEFLEET_", "WANDB_", "HF_", "TRANSFORMERS_", "TORCH_EXTENSIONS_DIR", "RAY_TRAIN_", "DS_")
+
+
+def cluster_address(recipe: Recipe, address: str | None = None) -> str | None:
+    """The Ray cluster to join: ``--address``, then ``cluster.address``, then ``RAY_ADDRESS``; None: an embedded
+    local Ray."""
+    return address or recipe.cluster.address or os.environ.get("RAY_ADDRESS")
+
+
+def forwarded() -> tuple[dict[str, str], dict[str, str]]:
+    """(settings, secrets) of the driver's environment that workers get: tunefleet's, W&B's, Hugging Face's,
+    Ray Train's and DeepSpeed's variables, and the known secret names."""
+    return secrets.split({k: v for k, v in os.environ.items() if k.startswith(FORWARDED_ENV) or k in secrets.NAMES})
+
+
+def worker_env(recipe: Recipe) -> dict[str, str]:
+    """Settings for the workers' runtime env, which Ray logs: never a secret (see secrets.py)."""
+    env, _ = forwarded()
+    env.setdefault("OMP_NUM_THREADS", str(recipe.parallelism.cpus_per_worker))
+    if not recipe.parallelism.use_gpu:
+        env.setdefault("DS_ACCELERATOR", "cpu")  # DeepSpeed otherwise warns on every import
+    return env
+
+
+def connect(recipe: Recipe, address: str | None) -> None:
+    import ray
+
+    if address:
+        ray.init(address=address, logging_level="WARNING", log_to_driver=True)
+        return
+    needed = recipe.parallelism.world_size * recipe.parallelism.cpus_per_worker
+    # Ray starts worker processes at nice 15 to keep its daemons responsive; training ranks would then yield
+    # the CPU to every other process on the node. Ray's own job submission sets 0 for its jobs, as here.
+    os.environ.setdefault("RAY_worker_niceness", "0")
+    ray.init(num_cpus=max(os.cpu_count() or 1, needed), logging_level="WARNING")
+
+
+def secret_store():
+    """With Ray up: the actor that hands the forwarded secrets to the workers (None without secrets)."""
+    return secrets.store(forwarded()[1], scheduling_strategy=head_node_affinity())
+
+
+def worker_group(job: Job, queue, control, *, loop=None, name: str | None = None, storage_path: str | None = None,
+             secret_store=None):
+    """The recipe's Ray Train worker group running ``loop`` (default: training) with ``job``."""
+    from ray.train import FailureConfig, RunConfig, ScalingConfig
+    from ray.train.torch import TorchConfig, TorchTrainer
+
+    from tunefleet.launcher.run.controller import FailureReporter
+    from tunefleet.launcher.training.worker import train_loop_per_worker
+
+    recipe, par = job.recipe, job.recipe.parallelism
+    return TorchTrainer(
+        loop or train_loop_per_worker,
+        train_loop_config={"job": job, "queue": queue, "control": control,
+                           "secrets": secret_store},
+        torch_config=TorchConfig(backend=process_group_backend(par.use_gpu), timeout_s=par.collective_timeout_s),
+        scaling_config=ScalingConfig(
+            num_workers=(par.min_workers, par.world_size) if par.min_workers else par.world_size,
+            use_gpu=par.use_gpu, resources_per_worker={"CPU": par.cpus_per_worker},
+            placement_strategy="STRICT_SPREAD" if par.num_nodes > 1 and par.workers_per_node == 1 else "PACK",
+        ),
+        run_config=RunConfig(
+            name=name or recipe.name, storage_path=storage_path or str(Path(recipe.output_dir) / "ray"),
+            failure_config=FailureConfig(max_failures=recipe.fault_tolerance.max_restarts),
+            callbacks=[FailureReporter(queue, recipe.output_dir)] if queue is not None else None,
+            worker_runtime_env={"env_vars": worker_env(recipe)},
+        ),
+    )
+
+
+def head_node_affinity():
+    """Driver-side actors live on the head node, the one node a run cannot lose."""
+    import ray
+    from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+
+    head = next(n for n in ray.nodes() if n["Alive"] and "node:__internal_head__" in n["Resources"])
+    return NodeAffinitySchedulingStrategy(node_id=head["NodeID"], soft=False)
+
+
+def fit_in_background(trainer) -> tuple[threading.Thread, list[BaseException]]:
+    """Start ``trainer.fit()`` on a thread (the caller keeps reading the workers' events); the list receives
+    the exception it ends with, if any."""
+    failure: list[BaseException] = []
+    thread = threading.Thread(target=_fit, args=(trainer, failure), daemon=True)
+    thread.start()
+    return thread, failure
+
+
+def _fit(trainer, failure: list[BaseException]) -> None:
+    try:
+        trainer.fit()
+    except BaseException as exc:  # re-raised on the main thread
+        failure.append(exc)

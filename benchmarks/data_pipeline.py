@@ -36,7 +36,7 @@ from pathlib import Path
 
 import numpy as np
 
-from tunefleet.launcher.config.recipe import DataConfig, DataSource
+from tunefleet.launcher.config import DataConfig, DataSource
 from tunefleet.launcher.data import batches, packing, preprocess
 from tunefleet.launcher.model.modeling import load_tokenizer
 from tunefleet.launcher.model.tiny import ensure_tiny_model

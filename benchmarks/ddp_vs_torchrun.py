@@ -101,7 +101,7 @@ def freeze_code(work: Path) -> tuple[Path, str]:
 
 def prepare_inputs(args: argparse.Namespace, recipe_path: Path, work: Path):
     """Resolve the recipe, build the model folder and the token cache once, as the driver would."""
-    from tunefleet.launcher.config.recipe import load_recipe
+    from tunefleet.launcher.config import load_recipe
     from tunefleet.launcher.data import preprocess
     from tunefleet.launcher.errors import RecipeError
     from tunefleet.launcher.model import modeling

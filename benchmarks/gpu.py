@@ -147,7 +147,7 @@ def write_recipe(out: Path, data_path: Path, steps: int, micro_batch_size: int) 
 
 def prepare(recipe_path: Path) -> dict:
     """The model folder and the token cache, built once, outside every timed launch."""
-    from tunefleet.launcher.config.recipe import load_recipe
+    from tunefleet.launcher.config import load_recipe
     from tunefleet.launcher.data import preprocess
     from tunefleet.launcher.model import modeling
     from tunefleet.launcher.model.tiny import tiny_config

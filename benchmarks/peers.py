@@ -105,7 +105,7 @@ def prepare(args: argparse.Namespace, recipe_path: Path, work: Path) -> tuple[ob
     import torch
     import transformers
 
-    from tunefleet.launcher.config.recipe import load_recipe
+    from tunefleet.launcher.config import load_recipe
     from tunefleet.launcher.data import preprocess
     from tunefleet.launcher.errors import RecipeError
     from tunefleet.launcher.model import modeling

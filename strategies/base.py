@@ -1,4 +1,4 @@
-"""The Strategy interface and the registry that picks one by name.
+"""The Strategy interface, and the frozen plan a strategy is built from.
 
 A strategy owns how the model and optimizer are distributed: it wraps or shards
 the model, runs backward, suppresses gradient sync on non-final micro-steps,
@@ -57,6 +57,11 @@ class StrategyPlan(BaseModel):
     @property
     def device_type(self) -> str:
         return "cuda" if self.use_gpu else "cpu"
+
+    @property
+    def device(self) -> torch.device:
+        """The device this rank trains (and evaluates) on: its current GPU, or the CPU."""
+        return torch.device("cuda", torch.cuda.current_device()) if self.use_gpu else torch.device("cpu")
 
 
 class Strategy(ABC):
@@ -130,69 +135,3 @@ class Strategy(ABC):
     def teardown(self) -> None:
         """Release what the strategy holds; the process group stays to the caller."""
         self.model = self.optimizer = self.scheduler = None
-
-
-class AsyncSave:
-    """Mixin for strategies whose state DCP writes (ddp, fsdp): checkpoints in the background.
-
-    ``save_async`` returns once the save has started; see ``checkpointing.BackgroundSaver``.
-    A strategy using it calls ``wait_staged()`` first thing in ``optimizer_step``.
-    """
-
-    _saver = None
-
-    def save_async(self, path: str, group):
-        """Collective on ``group``: start copying and writing the state; a future of the write."""
-        from tunefleet.strategies.checkpointing import BackgroundSaver
-
-        if self._saver is None:
-            self._saver = BackgroundSaver()
-        return self._saver.save(path, self.model, self.optimizer, self.scheduler, group)
-
-    def wait_staged(self) -> None:
-        """Block until the last background save has copied the state (a no-op without one)."""
-        if self._saver is not None:
-            self._saver.wait_staged()
-
-    def teardown(self) -> None:
-        if self._saver is not None:
-            self._saver.close()
-            self._saver = None
-        super().teardown()
-
-
-_REGISTRY: dict[str, type[Strategy]] = {}
-
-
-def register(cls: type[Strategy]) -> type[Strategy]:
-    """Class decorator: make a strategy available under ``cls.name``."""
-    if cls.name in _REGISTRY:
-        raise ValueError(f"strategy {cls.name!r} registered twice")
-    _REGISTRY[cls.name] = cls
-    return cls
-
-
-def available() -> list[str]:
-    _import_builtin()
-    return sorted(_REGISTRY)
-
-
-def create(plan: StrategyPlan) -> Strategy:
-    _import_builtin()
-    try:
-        cls = _REGISTRY[plan.name]
-    except KeyError:
-        raise ValueError(f"unknown strategy {plan.name!r}; choose one of {sorted(_REGISTRY)}") from None
-    return cls(plan)
-
-
-def _import_builtin() -> None:
-    # Imported lazily so that `import tunefleet.strategies` stays light (no deepspeed).
-    from tunefleet.strategies import ddp  # noqa: F401
-
-    for optional in ("fsdp", "deepspeed"):
-        try:
-            __import__(f"tunefleet.strategies.{optional}")
-        except ModuleNotFoundError as exc:
-            if exc.name != f"tunefleet.strategies.{optional}":
-                raise

@@ -64,3 +64,9 @@ def check_compatibility(
             "strategy ddp or fsdp, or remove train.unfreeze_schedule"
         )
     return problems
+
+
+def deepspeed_env(use_gpu: bool) -> dict[str, str]:
+    """Environment for a process that may import DeepSpeed: without a GPU, name the CPU accelerator outright
+    (DeepSpeed otherwise probes for one and warns on every import)."""
+    return {} if use_gpu else {"DS_ACCELERATOR": "cpu"}

@@ -9,19 +9,18 @@ import torch
 import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel
 
-from tunefleet.strategies import checkpointing
+from tunefleet.strategies import dcp_state
+from tunefleet.strategies.activation_checkpointing import enable_activation_checkpointing
 from tunefleet.strategies.base import (
     UNFREEZE_STEP,
-    AsyncSave,
     OptimizerFactory,
     SchedulerFactory,
     Strategy,
-    register,
 )
+from tunefleet.strategies.dcp_state import AsyncSave
 from tunefleet.strategies.layers import compile_layers
 
 
-@register
 class DDPStrategy(AsyncSave, Strategy):
     name = "ddp"
 
@@ -33,10 +32,10 @@ class DDPStrategy(AsyncSave, Strategy):
         param_groups: list[dict],
     ) -> None:
         if self.plan.activation_checkpointing:
-            checkpointing.enable_activation_checkpointing(module)
+            enable_activation_checkpointing(module)
         if self.plan.compile:
             compile_layers(module)
-        device = _device(self.plan.use_gpu)
+        device = self.plan.device
         module.to(device)
         if self.plan.mixed_precision == "bf16":
             # Master weights and optimizer stay fp32; matmuls run in bf16.
@@ -71,18 +70,12 @@ class DDPStrategy(AsyncSave, Strategy):
         return norm
 
     def save(self, path: str) -> None:
-        checkpointing.save_dcp(path, self.model, self.optimizer, self.scheduler)
+        dcp_state.save_dcp(path, self.model, self.optimizer, self.scheduler)
 
     def load(self, path: str) -> None:
-        checkpointing.load_dcp(path, self.model, self.optimizer, self.scheduler)
+        dcp_state.load_dcp(path, self.model, self.optimizer, self.scheduler)
 
     def full_state_dict(self) -> dict[str, torch.Tensor]:
         if dist.get_rank() != 0:
             return {}
         return {k: v.detach().cpu() for k, v in self.unwrapped.state_dict().items()}
-
-
-def _device(use_gpu: bool) -> torch.device:
-    if not use_gpu:
-        return torch.device("cpu")
-    return torch.device("cuda", torch.cuda.current_device())

@@ -26,13 +26,12 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
-from tunefleet.strategies import checkpointing
+from tunefleet.strategies.activation_checkpointing import enable_activation_checkpointing
 from tunefleet.strategies.base import (
     OptimizerFactory,
     SchedulerFactory,
     Strategy,
     StrategyPlan,
-    register,
 )
 
 CHECKPOINT_TAG = "deepspeed"  # the folder under a state path that holds DeepSpeed's files
@@ -66,7 +65,7 @@ def deepspeed_config(plan: StrategyPlan) -> dict[str, Any]:
     config = {
         "train_micro_batch_size_per_gpu": plan.micro_batch_size,
         "gradient_accumulation_steps": plan.grad_accum_steps,
-        "train_batch_size": plan.micro_batch_size * plan.grad_accum_steps * plan.world_size,
+        "train_batch_size": plan.global_batch_rows,
         "gradient_clipping": plan.max_grad_norm or 0.0,  # 0 disables clipping
         "bf16": {"enabled": plan.mixed_precision == "bf16"},
         "fp16": {"enabled": plan.mixed_precision == "fp16"},
@@ -176,7 +175,7 @@ class _DeepSpeedStrategy(Strategy):
         import deepspeed
 
         if self.plan.activation_checkpointing:
-            checkpointing.enable_activation_checkpointing(module)
+            enable_activation_checkpointing(module)
         optimizer = make_optimizer(param_groups)
         self.model, self.optimizer, _, self.scheduler = deepspeed.initialize(
             model=module,
@@ -234,7 +233,6 @@ class _DeepSpeedStrategy(Strategy):
         super().teardown()
 
 
-@register
 class DeepSpeedZero2Strategy(_DeepSpeedStrategy):
     name = "deepspeed_zero2"
 
@@ -245,7 +243,6 @@ class DeepSpeedZero2Strategy(_DeepSpeedStrategy):
         return {k: v.detach().cpu().clone() for k, v in self.unwrapped.state_dict().items()}
 
 
-@register
 class DeepSpeedZero3Strategy(_DeepSpeedStrategy):
     name = "deepspeed_zero3"
     shards_parameters = True

@@ -20,15 +20,15 @@ from torch.distributed.device_mesh import DeviceMesh, init_device_mesh
 from torch.distributed.fsdp import CPUOffloadPolicy, MixedPrecisionPolicy, OffloadPolicy, fully_shard
 from torch.distributed.tensor import DTensor
 
-from tunefleet.strategies import checkpointing
+from tunefleet.strategies import dcp_state
+from tunefleet.strategies.activation_checkpointing import enable_activation_checkpointing
 from tunefleet.strategies.base import (
-    AsyncSave,
     OptimizerFactory,
     SchedulerFactory,
     Strategy,
     StrategyPlan,
-    register,
 )
+from tunefleet.strategies.dcp_state import AsyncSave
 from tunefleet.strategies.layers import compile_layers, decoder_layers
 
 _COMPUTE_DTYPES = {"no": None, "bf16": torch.bfloat16, "fp16": torch.float16}
@@ -53,7 +53,7 @@ def parallelize(
 ) -> torch.nn.Module:
     """Activation checkpointing, then compilation, then sharding of each decoder layer and the root."""
     if activation_checkpointing:
-        checkpointing.enable_activation_checkpointing(model)
+        enable_activation_checkpointing(model)
     if compile:
         compile_layers(model)
     dtype = _COMPUTE_DTYPES[mixed_precision]
@@ -84,7 +84,6 @@ def _remap_groups(param_groups: list[dict], names: dict[int, str], module: torch
     return [{**group, "params": [sharded[names[id(p)]] for p in group["params"]]} for group in param_groups]
 
 
-@register
 class FSDPStrategy(AsyncSave, Strategy):
     name = "fsdp"
     shards_parameters = True
@@ -133,10 +132,10 @@ class FSDPStrategy(AsyncSave, Strategy):
         return float(norm)
 
     def save(self, path: str) -> None:
-        checkpointing.save_dcp(path, self.model, self.optimizer, self.scheduler)
+        dcp_state.save_dcp(path, self.model, self.optimizer, self.scheduler)
 
     def load(self, path: str) -> None:
-        checkpointing.load_dcp(path, self.model, self.optimizer, self.scheduler)
+        dcp_state.load_dcp(path, self.model, self.optimizer, self.scheduler)
 
     def full_state_dict(self) -> dict[str, torch.Tensor]:
         options = StateDictOptions(full_state_dict=True, cpu_offload=True)

@@ -62,7 +62,7 @@ def _sections_in(annotation: Any) -> list[tuple[type[BaseModel], bool]]:
 
 
 def _is_local_path(metadata: list[Any]) -> bool:
-    from tunefleet.launcher.config.recipe import LocalPath
+    from tunefleet.launcher.config import LocalPath
 
     resolver = typing.get_args(LocalPath)[1]
     return any(item == resolver for item in metadata)
@@ -150,7 +150,7 @@ def _section_markdown(model: type[BaseModel], key: str, about: str, depth: int) 
 
 @cache
 def recipe_reference() -> str:
-    from tunefleet.launcher.config.recipe import Recipe
+    from tunefleet.launcher.config import Recipe
 
     return "\n".join(_section_markdown(Recipe, "", "", 2))
 
@@ -214,8 +214,8 @@ def _gib(num_bytes: float) -> str:
 
 @cache
 def plan_table(recipe_path: str) -> str:
+    from tunefleet.launcher.config import load_recipe
     from tunefleet.launcher.config.catalogue import read_header
-    from tunefleet.launcher.config.recipe import load_recipe
     from tunefleet.launcher.plan.memory_fit import plan_report
 
     path = ROOT / recipe_path

@@ -13,7 +13,7 @@ from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
 
-from tunefleet.launcher.config.recipe import Recipe, load_recipe
+from tunefleet.launcher.config import Recipe, load_recipe
 from tunefleet.launcher.errors import RecipeError, TrainingFailed, UserError
 from tunefleet.launcher.run.export import export_command
 from tunefleet.launcher.run.submit import cancel, logs, status, submit
@@ -59,15 +59,17 @@ def launch(
 ) -> None:
     """Train: validate, plan, provision Ray workers and run the recipe."""
     from tunefleet.launcher.run.driver import launch as run_launch
+    from tunefleet.launcher.training.outcome import RunState
 
     if resume not in ("auto", "never"):
         raise UserError("--resume must be auto or never")
     loaded = load_recipe(recipe, overrides or [])
     result = run_launch(loaded, source=str(recipe), address=address, resume=resume, verbose=verbose)
-    if result.preempted_at is not None:
+    outcome = result.outcome
+    if outcome is not None and outcome.state is RunState.PREEMPTED:
         from tunefleet.launcher.training.control import EXIT_PREEMPTED
 
-        err.print(f"preempted: checkpoint saved at step {result.preempted_at}; launch again to resume")
+        err.print(f"preempted: checkpoint saved at step {outcome.preempted_at}; launch again to resume")
         raise typer.Exit(EXIT_PREEMPTED)
 
 
@@ -85,7 +87,7 @@ def plan(
     address: Annotated[str | None, typer.Option(help="Ray cluster for --measure-steps.")] = None,
 ) -> None:
     """Per-device memory of every strategy for this recipe, and the one `strategy: auto` picks."""
-    from tunefleet.launcher.plan.memory_fit import plan_command_output
+    from tunefleet.launcher.cli.render import plan_command_output
 
     output = plan_command_output(load_recipe(recipe, overrides or []), num_nodes=num_nodes,
                                  gpus_per_node=gpus_per_node, gpu_memory_gib=gpu_memory_gib, as_json=as_json)
@@ -177,9 +179,10 @@ def list_runs(folder: Annotated[Path, typer.Argument(help="A run folder or a fol
 @app.command("preprocess")
 def preprocess_data(recipe: RecipeArg, overrides: SetOption = None) -> None:
     """Tokenize a recipe's data into the cache now, as a launch would first; print rows, tokens and drops."""
-    from tunefleet.launcher.data.preprocess import preprocess_report, render_report
+    from tunefleet.launcher.cli.render import data_report
+    from tunefleet.launcher.data.preprocess import preprocess_report
 
-    render_report(preprocess_report(load_recipe(recipe, overrides or [])), out)
+    data_report(preprocess_report(load_recipe(recipe, overrides or [])), out)
 
 
 @app.command("eval")
@@ -198,11 +201,26 @@ def evaluate_model(
                                                 "local Ray.")] = None,
 ) -> None:
     """Evaluate an exported model or adapter on a file with the code and strategy training uses."""
-    from tunefleet.launcher.evaluation.evaluate import run_eval, write_report
+    from tunefleet.launcher.run.eval import run_eval
 
     report = run_eval(target, data_file, metrics=metrics or [], recipe_file=recipe, overrides=overrides or [],
                       address=address)
-    write_report(report, output, out)
+    write_eval_report(report, output)
+
+
+def write_eval_report(report: dict, output: Path | None) -> None:
+    """`tunefleet eval`'s figures as a table on the console, and its JSON report at ``output``."""
+    out.print(f"[bold]{report['model']}[/] on {report['data']}: {report['eval_rows']} rows, "
+              f"{report['strategy']} on {report['world_size']} worker(s)", highlight=False, soft_wrap=True)
+    table = Table("metric", "value", show_edge=False)
+    table.columns[1].justify = "right"
+    for name, value in report["metrics"].items():
+        table.add_row(name, f"{value:.4f}")
+    out.print(table)
+    if output is not None:
+        output.parent.mkdir(parents=True, exist_ok=True)
+        output.write_text(json.dumps(report, indent=2) + "\n")
+        out.print(f"wrote {output}", highlight=False)
 
 
 @app.command()
@@ -221,8 +239,10 @@ app.command()(cancel)
 def main() -> None:
     import os
 
-    if not any(os.path.exists(dev) for dev in ("/dev/nvidiactl", "/dev/kfd")):
-        os.environ.setdefault("DS_ACCELERATOR", "cpu")  # DeepSpeed otherwise warns on every import
+    from tunefleet.strategies.compat import deepspeed_env
+
+    for name, value in deepspeed_env(any(os.path.exists(dev) for dev in ("/dev/nvidiactl", "/dev/kfd"))).items():
+        os.environ.setdefault(name, value)
     try:
         app()
     except (UserError, TrainingFailed) as exc:

@@ -19,7 +19,8 @@ import re
 from dataclasses import dataclass
 from pathlib import Path
 
-from tunefleet.launcher.config.recipe import TINY_PREFIX, read_yaml
+from tunefleet.launcher.config.base import TINY_PREFIX
+from tunefleet.launcher.config.loading import read_yaml
 from tunefleet.launcher.errors import UserError
 
 TINY_DIR = "tiny"

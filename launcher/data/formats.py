@@ -16,7 +16,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
-from tunefleet.launcher.config.recipe import CHAT_ROLES, FORMAT_FIELDS, DataConfig, DataSource
+from tunefleet.launcher.config import CHAT_ROLES, FORMAT_FIELDS, DataConfig, DataSource
 from tunefleet.launcher.data.sources import BadRow
 from tunefleet.launcher.errors import DataError
 

@@ -30,12 +30,12 @@ from pathlib import Path
 
 import numpy as np
 
-from tunefleet.launcher.config.recipe import DataConfig, DataSource
+from tunefleet.launcher.config import DataConfig, DataSource
 from tunefleet.launcher.data.batches import TokenizedSplit, cache_meta, concat
 from tunefleet.launcher.data.formats import Pair, RowFormatter
 from tunefleet.launcher.data.packing import pack, packing_efficiency
 from tunefleet.launcher.data.sources import BadRow, Located, file_digest, read_source, source_digest
-from tunefleet.launcher.errors import DataError, UserError
+from tunefleet.launcher.errors import DataError
 from tunefleet.launcher.model.inputs import IGNORE_INDEX
 
 CACHE_VERSION = "2"
@@ -100,7 +100,7 @@ def encode_chunk(formatter: RowFormatter, cfg: DataConfig, chunk: list[Located])
     encoded = iter(_encode([seq for group in groups for seq in group], formatter.tokenizer, cfg))
     rows, classes = [], [] if cfg.kind == "classification" else None
     for example, group in zip(examples, groups, strict=True):
-        fitted = _fit([next(encoded) for _ in group], cfg, counts)
+        fitted = _fit_to_length([next(encoded) for _ in group], cfg, counts)
         if fitted is not None:
             rows.extend(fitted)
             if classes is not None:
@@ -130,7 +130,7 @@ def _encode(sequences: list, tokenizer, cfg: DataConfig) -> list[tuple[list[int]
     return out
 
 
-def _fit(sequences: list, cfg: DataConfig, counts: Counts) -> list | None:
+def _fit_to_length(sequences: list, cfg: DataConfig, counts: Counts) -> list | None:
     """Apply ``data.overlong`` to an example's sequences; None drops it (also when no target is left)."""
     limit = cfg.max_seq_len
     if any(len(ids) > limit for ids, _ in sequences):
@@ -362,35 +362,6 @@ def prepare(cfg: DataConfig, tokenizer, tokenizer_dir: str, seed: int) -> Path:
     return target
 
 
-def _prepare_task(cfg: DataConfig, tokenizer_dir: str, seed: int) -> str:
-    from tunefleet.launcher.model.modeling import load_tokenizer
-
-    return str(prepare(cfg, load_tokenizer(tokenizer_dir), tokenizer_dir, seed))
-
-
-def prepare_on_ray(cfg: DataConfig, tokenizer_dir: str, seed: int) -> Path:
-    """``prepare`` as one Ray task on this node (after ``ray.init``), skipped when the cache exists.
-
-    Reserves ``data.num_proc`` CPUs; user errors (bad rows, an empty data set)
-    are raised here, on the driver, before any worker starts.
-    """
-    import ray
-    from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
-
-    target = cache_folder(cfg, tokenizer_dir, seed)
-    if (target / "meta.json").is_file():
-        return target
-    here = NodeAffinitySchedulingStrategy(ray.get_runtime_context().get_node_id(), soft=True)
-    num_cpus = min(cfg.num_proc, ray.cluster_resources().get("CPU", 1))  # more would never schedule
-    task = ray.remote(_prepare_task).options(num_cpus=num_cpus, scheduling_strategy=here, max_retries=0)
-    try:
-        return Path(ray.get(task.remote(cfg, tokenizer_dir, seed)))
-    except ray.exceptions.RayTaskError as exc:
-        if isinstance(exc.cause, UserError):
-            raise exc.cause from None
-        raise
-
-
 # --------------------------------------------------------------------------- `tunefleet preprocess`
 def preprocess_report(recipe) -> dict:
     """Prepare a recipe's data in this process; the counts, the cache folder and whether it was reused."""
@@ -403,25 +374,3 @@ def preprocess_report(recipe) -> dict:
     folder = prepare(recipe.data, load_tokenizer(model_path), model_path, recipe.train.seed)
     return {**cache_meta(folder), "cache_dir": str(folder), "reused": reused,
             "seconds": round(time.perf_counter() - started, 2)}
-
-
-def render_report(report: dict, console) -> None:
-    """Per-source rows and the totals as rich tables."""
-    from rich.table import Table
-
-    table = Table(title="data sources")
-    table.add_column("source", overflow="fold")
-    for name in ("read", "kept", "skipped", "truncated", "dropped", "rows/epoch"):
-        table.add_column(name, justify="right")
-    for s in report["sources"]:
-        table.add_row(s["source"], *(f"{s[k]:,}" for k in ("read", "kept", "skipped", "truncated", "dropped",
-                                                            "epoch_rows")))
-    console.print(table)
-    totals = Table(show_header=False, title="prepared data")
-    for key in ("kind", "train_rows", "train_tokens", "train_target_tokens", "eval_rows", "skipped", "truncated",
-                "dropped", "packing", "packing_efficiency", "cache_dir", "reused", "seconds"):
-        value = report[key]
-        totals.add_row(key.replace("_", " "), f"{value:,}" if type(value) is int else str(value))
-    console.print(totals)
-    for line in skipped_lines(report):
-        console.print(line, highlight=False, soft_wrap=True, markup=False)

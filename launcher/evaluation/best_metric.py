@@ -11,7 +11,7 @@ import math
 from dataclasses import asdict, dataclass
 from typing import Literal
 
-from tunefleet.launcher.config.recipe import Recipe
+from tunefleet.launcher.config.data import EvalSplit
 
 META_KEY = "best"  # where checkpoint meta.json keeps the state (checkpoint.py protects `step` from pruning)
 
@@ -26,11 +26,11 @@ class BestMetric:
     evals_without_improvement: int = 0
 
     @classmethod
-    def for_recipe(cls, recipe: Recipe) -> BestMetric | None:
-        """A tracker when the recipe keeps the best checkpoint or stops early, else None."""
-        evaluation = recipe.data.eval
+    def for_run(cls, evaluation: EvalSplit | None, *, keep_best: bool) -> BestMetric | None:
+        """A tracker of ``data.eval.metric`` when the run keeps the best checkpoint (``keep_best``) or stops
+        early, else None."""
         patience = evaluation.early_stopping_patience if evaluation is not None else None
-        if not recipe.checkpoint.keep_best and patience is None:
+        if not keep_best and patience is None:
             return None
         return cls(metric=evaluation.metric, direction=evaluation.direction, patience=patience)
 

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import torch
 
-from tunefleet.launcher.config.recipe import ADAPTER_KINDS, TINY_PREFIX, MethodConfig, ModelConfig, TrainConfig
+from tunefleet.launcher.config import ADAPTER_KINDS, TINY_PREFIX, MethodConfig, ModelConfig, TrainConfig
 from tunefleet.launcher.model import attention
 from tunefleet.launcher.model import param_groups as _param_groups
 from tunefleet.launcher.model.param_groups import apply_unfreeze as apply_unfreeze  # the loop calls it

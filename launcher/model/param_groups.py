@@ -29,7 +29,7 @@ from collections.abc import Iterable, Sequence
 
 import torch
 
-from tunefleet.launcher.config.recipe import TrainConfig, UnfreezeStep
+from tunefleet.launcher.config import TrainConfig, UnfreezeStep
 from tunefleet.launcher.errors import Problem, RecipeError
 from tunefleet.strategies.base import UNFREEZE_STEP
 

@@ -11,7 +11,7 @@ adapters disabled (no second copy); for full fine-tuning a second, frozen copy
 of the starting weights on every rank.
 
 The pairwise loss, its statistics and its normalization over the global batch
-(pairs in place of tokens, as in ``steps.train_step``) are shared with reward
+(pairs in place of tokens, as in ``sft.train_step``) are shared with reward
 modelling, in ``reward.py``.
 """
 
@@ -20,7 +20,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from tunefleet.launcher.config.recipe import Recipe
+from tunefleet.launcher.config import MethodConfig, ModelConfig
 from tunefleet.launcher.model import attention
 from tunefleet.launcher.model.inputs import IGNORE_INDEX
 from tunefleet.launcher.objectives import reward
@@ -28,13 +28,14 @@ from tunefleet.launcher.objectives.reward import PairStepResult
 from tunefleet.strategies.base import Strategy
 
 
-def load_reference(recipe: Recipe, model_path: str, device: torch.device) -> torch.nn.Module | None:
+def load_reference(model: ModelConfig, method: MethodConfig, model_path: str,
+                   device: torch.device) -> torch.nn.Module | None:
     """The frozen reference for full fine-tuning; None for adapters (the policy with adapters disabled)."""
-    if recipe.method.kind != "full":
+    if method.kind != "full":
         return None
     from tunefleet.launcher.model.modeling import load_model
 
-    return load_model(recipe.model, recipe.method, model_path).to(device).eval().requires_grad_(False)
+    return load_model(model, method, model_path).to(device).eval().requires_grad_(False)
 
 
 def sequence_logps(model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:

@@ -7,11 +7,11 @@ reward ``r``, and the loss of a pair is ``-log sigmoid(r_chosen - r_rejected)``
 (Ouyang et al., 2022). DPO (``dpo.py``) uses the same loss with its implicit
 rewards.
 
-Normalization mirrors ``steps.train_step`` with pairs in place of tokens: the
+Normalization mirrors ``sft.train_step`` with pairs in place of tokens: the
 step's loss is the mean over every pair of the global batch (all ranks, all
-micro-batches), so each micro-batch contributes its pair-loss sum scaled by
-``world_size / global_pairs`` and the strategy's gradient averaging over ranks
-gives exactly the gradient of the global mean.
+micro-batches), so ``step.accumulate`` scales each micro-batch's pair-loss sum
+by ``world_size / global_pairs`` and the strategy's gradient averaging over
+ranks gives exactly the gradient of the global mean.
 """
 
 from __future__ import annotations
@@ -20,13 +20,12 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
-import torch.distributed as dist
 import torch.nn.functional as F
 
 from tunefleet.launcher import collectives
 from tunefleet.launcher.model import attention
 from tunefleet.launcher.model.inputs import IGNORE_INDEX
-from tunefleet.launcher.objectives.sft import StepResult
+from tunefleet.launcher.objectives.step import StepResult, accumulate
 from tunefleet.strategies.base import Strategy
 
 
@@ -102,17 +101,11 @@ def pair_step(strategy: Strategy, micro_batches: list[dict[str, torch.Tensor]], 
     """Forward/backward every micro-batch of pairs on this rank, then one optimizer step (reward
     modelling and DPO differ only in ``rewards``)."""
     global_pairs, global_targets, global_inputs = count_pairs(micro_batches, device)
-    world_size = dist.get_world_size() if dist.is_initialized() else 1
-    scale = world_size / max(global_pairs, 1)
-    totals = torch.zeros(6, dtype=torch.float64, device=device)
-    strategy.model.train()
-    for index, batch in enumerate(micro_batches):
-        batch = {k: v.to(device, non_blocking=True) for k, v in batch.items()}
-        with strategy.no_sync(index < len(micro_batches) - 1):
-            micro_loss, micro_stats = pair_statistics(rewards(strategy.model, batch), batch)
-            strategy.backward(micro_loss * scale)
-        totals += torch.cat([micro_loss.detach().double().view(1), micro_stats])
-    grad_norm = strategy.optimizer_step()
+
+    def pair_loss(model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+        return pair_statistics(rewards(model, batch), batch)
+
+    totals, grad_norm = accumulate(strategy, micro_batches, device, pair_loss, global_count=global_pairs)
     return pair_result(collectives.all_reduce(totals).tolist(), global_targets, global_inputs, grad_norm)
 
 

@@ -1,37 +1,22 @@
-"""One optimizer step and one evaluation pass, independent of Ray.
+"""Supervised fine-tuning: one optimizer step on the next-token (or classifier) loss, and evaluation passes,
+independent of Ray.
 
-Loss normalization: the step's loss is the mean over every target token of the
-*global* batch (all ranks, all micro-batches). Each micro-batch contributes its
-token-loss *sum* scaled by ``world_size / global_tokens``, so after the
-strategy averages gradients over ranks the result is exactly the gradient of
-the global mean. The step is then invariant to how the global batch is split
-into ranks and micro-batches, which the numerical tests check.
+The step's loss is the mean over every target token of the *global* batch (all ranks, all micro-batches);
+``step.accumulate`` scales each micro-batch's token-loss sum so that the strategy's gradient average over ranks is
+exactly the gradient of that mean. The step is then invariant to how the global batch is split into ranks and
+micro-batches, which the numerical tests check.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import torch
-import torch.distributed as dist
 import torch.nn.functional as F
 
 from tunefleet.launcher import collectives
 from tunefleet.launcher.model import attention
 from tunefleet.launcher.model.inputs import IGNORE_INDEX
+from tunefleet.launcher.objectives.step import StepResult, accumulate
 from tunefleet.strategies.base import Strategy
-
-
-@dataclass(frozen=True)
-class StepResult:
-    loss: float
-    num_tokens: int  # target tokens in the global batch
-    num_input_tokens: int  # non-pad input tokens in the global batch
-    grad_norm: float | None
-
-    def metrics(self) -> dict[str, float]:
-        """Objective-specific metrics beyond the loss (none for next-token and classifier losses)."""
-        return {}
 
 
 def token_loss_sum(model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
@@ -63,26 +48,18 @@ def train_step(strategy: Strategy, micro_batches: list[dict[str, torch.Tensor]],
     local_targets = sum(_count_targets(mb) for mb in micro_batches)
     local_inputs = sum(int(mb["attention_mask"].sum()) for mb in micro_batches)
     global_targets, global_inputs = _all_reduce_sum([local_targets, local_inputs], device)
-    world_size = dist.get_world_size() if dist.is_initialized() else 1
-    scale = world_size / max(global_targets, 1.0)
-
-    model = strategy.model
-    model.train()
-    loss_sum = torch.zeros((), dtype=torch.float64, device=device)
-    for index, batch in enumerate(micro_batches):
-        batch = {k: v.to(device, non_blocking=True) for k, v in batch.items()}
-        with strategy.no_sync(index < len(micro_batches) - 1):
-            micro_loss = token_loss_sum(model, batch)
-            strategy.backward(micro_loss * scale)
-        loss_sum += micro_loss.detach().double()
-    grad_norm = strategy.optimizer_step()
-    (global_loss_sum,) = _all_reduce_sum([float(loss_sum)], device)
+    loss_sum, grad_norm = accumulate(strategy, micro_batches, device, _token_loss, global_count=global_targets)
+    (global_loss_sum,) = collectives.all_reduce(loss_sum).tolist()
     return StepResult(
         loss=global_loss_sum / max(global_targets, 1.0),
         num_tokens=int(global_targets),
         num_input_tokens=int(global_inputs),
         grad_norm=grad_norm,
     )
+
+
+def _token_loss(model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, None]:
+    return token_loss_sum(model, batch), None
 
 
 @torch.no_grad()

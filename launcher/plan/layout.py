@@ -8,9 +8,12 @@ cannot work and name the recipe key to change.
 from __future__ import annotations
 
 import os
+from dataclasses import dataclass
 
-from tunefleet.launcher.config.recipe import Recipe
+from tunefleet.launcher.config import Recipe
 from tunefleet.launcher.errors import Problem, RecipeError, UserError
+from tunefleet.launcher.plan import memory_fit
+from tunefleet.launcher.plan.memory_fit import PlanReport
 from tunefleet.strategies.base import StrategyPlan
 from tunefleet.strategies.compat import check_compatibility
 
@@ -46,23 +49,36 @@ def strategy_plan(recipe: Recipe, strategy: str) -> StrategyPlan:
     )
 
 
-def resolve_strategy(recipe: Recipe) -> tuple[str, str]:
-    """(strategy name, reason); `auto` asks the memory planner."""
+@dataclass(frozen=True)
+class LaunchPlan:
+    """A recipe's frozen plan: the strategy's layout and batch arithmetic, why that strategy, and the memory
+    planner's report when the choice asked for it (``strategy: auto``), so a launch never plans twice."""
+
+    strategy: StrategyPlan
+    reason: str
+    memory: PlanReport | None = None
+
+    def memory_report(self, recipe: Recipe) -> PlanReport:
+        """The planner's report for this plan: the one the choice made, else made now."""
+        return self.memory or memory_fit.plan_report(recipe)
+
+
+def resolve_strategy(recipe: Recipe) -> tuple[str, str, PlanReport | None]:
+    """(strategy name, reason, the planner's report if it was asked); `auto` asks the memory planner."""
     if recipe.parallelism.strategy != "auto":
-        return recipe.parallelism.strategy, "set by parallelism.strategy"
-    from tunefleet.launcher.plan.memory_fit import choose_strategy
+        return recipe.parallelism.strategy, "set by parallelism.strategy", None
+    report = memory_fit.plan_report(recipe)
+    return *memory_fit.choose_strategy(recipe, report), report
 
-    return choose_strategy(recipe)
 
-
-def make_plan(recipe: Recipe, source: str = "recipe", *, on_this_machine: bool = False) -> tuple[StrategyPlan, str]:
+def make_plan(recipe: Recipe, source: str = "recipe", *, on_this_machine: bool = False) -> LaunchPlan:
     """The frozen plan for a recipe and why its strategy was chosen; RecipeError lists all problems.
 
     ``on_this_machine``: the workers will run here (an embedded Ray), so this machine's GPUs must
     suffice; `validate` and `submit` (say, on a login node without GPUs) do not check them.
     """
     problems = layout_problems(recipe, available_gpus=_local_gpus() if on_this_machine else None)
-    name, reason = resolve_strategy(recipe)
+    name, reason, report = resolve_strategy(recipe)
     par = recipe.parallelism
     for message in check_compatibility(
         name, recipe.method.kind, use_gpu=par.use_gpu, cpu_offload=par.cpu_offload,
@@ -84,7 +100,7 @@ def make_plan(recipe: Recipe, source: str = "recipe", *, on_this_machine: bool =
                                 "or deepspeed_zero2, or method.kind lora (its reference is the base itself)"))
     if problems:
         raise RecipeError(source, problems)
-    return strategy_plan(recipe, name), reason
+    return LaunchPlan(strategy_plan(recipe, name), reason, report)
 
 
 def _local_gpus() -> int:

@@ -21,11 +21,8 @@ from typing import Literal
 import psutil
 import torch
 from pydantic import BaseModel, ConfigDict, Field
-from rich.console import Group
-from rich.table import Table
-from rich.text import Text
 
-from tunefleet.launcher.config.recipe import ADAPTER_KINDS, TINY_PREFIX, ModelConfig, Recipe
+from tunefleet.launcher.config import ADAPTER_KINDS, TINY_PREFIX, ModelConfig, Recipe
 from tunefleet.launcher.errors import Problem, RecipeError, UserError
 from tunefleet.launcher.model.modeling import check_model_path
 from tunefleet.strategies import memory
@@ -195,15 +192,15 @@ class PlanReport(_Frozen):
         return next(row for row in self.rows[: len(STRATEGY_ORDER)] if row.memory.strategy == strategy)
 
 
-def _gib(num_bytes: float) -> str:
+def gib(num_bytes: float) -> str:
     return f"{num_bytes / GiB:.1f} GiB"
 
 
-def _row_name(row: StrategyFit) -> str:
+def row_name(row: StrategyFit) -> str:
     return row.memory.strategy + (" + cpu offload" if row.memory.cpu_offload else "")
 
 
-def _count(num: int) -> str:
+def count_text(num: int) -> str:
     for unit, size in (("B", 1e9), ("M", 1e6), ("K", 1e3)):
         if num >= size:
             return f"{num / size:.3g}{unit}"
@@ -221,7 +218,7 @@ def _blocked(recipe: Recipe, strategy: str, *, cpu_offload: bool, on_gpu: bool) 
     return "; ".join(problems) or None
 
 
-def _fit(recipe: Recipe, estimate: MemoryEstimate, *, on_gpu: bool, capacity_bytes: int) -> StrategyFit:
+def _strategy_fit(recipe: Recipe, estimate: MemoryEstimate, *, on_gpu: bool, capacity_bytes: int) -> StrategyFit:
     """GPU: the device parts against the GPU; CPU: everything a worker holds against its share of RAM."""
     host = max(estimate.load_bytes, estimate.offloaded_bytes)
     need = estimate.device_bytes if on_gpu else max(estimate.device_bytes + estimate.offloaded_bytes, host)
@@ -256,12 +253,12 @@ def _choose(rows: tuple[StrategyFit, ...], capacity_bytes: int, per: str) -> tup
     """The first row that fits and may be picked, or why none can."""
     for row in rows:
         if row.fits and row.blocked is None:
-            return row.memory.strategy, f"{_row_name(row)} fits: {_gib(row.need_bytes)} of {_gib(capacity_bytes)} {per}"
+            return row.memory.strategy, f"{row_name(row)} fits: {gib(row.need_bytes)} of {gib(capacity_bytes)} {per}"
     smallest = min(rows, key=lambda row: row.need_bytes)
     blocked = f"; {smallest.blocked}" if smallest.blocked else ""
     return None, (
-        f"no strategy fits in {USABLE_FRACTION:.0%} of {_gib(capacity_bytes)} {per}; the smallest need is "
-        f"{_gib(smallest.need_bytes)} ({_row_name(smallest)}{blocked}). Add workers (parallelism.num_nodes, "
+        f"no strategy fits in {USABLE_FRACTION:.0%} of {gib(capacity_bytes)} {per}; the smallest need is "
+        f"{gib(smallest.need_bytes)} ({row_name(smallest)}{blocked}). Add workers (parallelism.num_nodes, "
         "parallelism.workers_per_node), set parallelism.activation_checkpointing: true, lower "
         "train.micro_batch_size or data.max_seq_len, or use method.kind: lora"
     )
@@ -287,7 +284,8 @@ def plan_report(
     shape = model_shape(model, quantize_base=recipe.method.kind == "qlora")
     setup = training_setup(recipe, num_nodes * workers_per_node)
     rows = tuple(
-        _fit(recipe, memory.estimate(name, shape, setup, cpu_offload=offload), on_gpu=on_gpu, capacity_bytes=capacity)
+        _strategy_fit(recipe, memory.estimate(name, shape, setup, cpu_offload=offload), on_gpu=on_gpu,
+                      capacity_bytes=capacity)
         for name, offload in _variants(recipe, on_gpu)
     )
     choice, reason = _choose(rows, capacity, _per(on_gpu))
@@ -300,47 +298,10 @@ def plan_report(
     )
 
 
-def choose_strategy(recipe: Recipe) -> tuple[str, str]:
-    """(strategy, reason) for ``parallelism.strategy: auto``; RecipeError when nothing fits."""
-    report = plan_report(recipe)
+def choose_strategy(recipe: Recipe, report: PlanReport | None = None) -> tuple[str, str]:
+    """(strategy, reason) for ``parallelism.strategy: auto`` from the planner's report (made here if not given);
+    RecipeError when nothing fits."""
+    report = report or plan_report(recipe)
     if report.choice is None:
         raise RecipeError("plan", [Problem("parallelism.strategy", report.reason)])
     return report.choice, report.reason
-
-
-# --------------------------------------------------------------------------- output
-def render(report: PlanReport) -> Group:
-    """The plan as a rich table (one row per strategy) and the choice below it."""
-    title = (
-        f"{report.model_path} ({report.method}): {_count(report.num_params)} params, "
-        f"{_count(report.num_trainable_params)} trainable; {report.num_nodes} node(s) x "
-        f"{report.workers_per_node} {report.device} worker(s), {_gib(report.capacity_bytes)} {report.per}"
-    )
-    table = Table(title=title, title_justify="left")
-    for column in ("strategy", "params", "grads", "optimizer", "activations", "buffers", "offloaded"):
-        table.add_column(column, justify="left" if column == "strategy" else "right")
-    table.add_column(f"total {report.per}", justify="right", style="bold")
-    table.add_column("host per worker", justify="right")
-    table.add_column("fits")
-    for row in report.rows:
-        m = row.memory
-        verdict = ("[green]yes[/]" if row.fits else "[red]no[/]") + (f" [dim]({row.blocked})[/]" if row.blocked else "")
-        parts = (m.params_bytes, m.grads_bytes, m.optimizer_bytes, m.activations_bytes, m.buffers_bytes,
-                 m.offloaded_bytes, row.need_bytes, row.host_bytes)
-        table.add_row(_row_name(row), *(_gib(part) for part in parts), verdict)
-    style = "green" if report.choice else "red"
-    choice = Text.assemble(("choice: ", "bold"), (report.choice or "none", f"bold {style}"), f" ({report.reason})")
-    return Group(table, choice)
-
-
-def plan_command_output(
-    recipe: Recipe,
-    *,
-    num_nodes: int | None = None,
-    gpus_per_node: int | None = None,
-    gpu_memory_gib: float | None = None,
-    as_json: bool = False,
-) -> str | Group:
-    """What `tunefleet plan` prints: JSON text of the PlanReport, or a rich renderable."""
-    report = plan_report(recipe, num_nodes=num_nodes, gpus_per_node=gpus_per_node, gpu_memory_gib=gpu_memory_gib)
-    return report.model_dump_json(indent=2) if as_json else render(report)

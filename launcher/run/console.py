@@ -16,6 +16,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from rich.table import Table
 
 from tunefleet.launcher.data.preprocess import skipped_lines
+from tunefleet.launcher.training.outcome import Outcome
 
 # Evaluation figures beyond the loss that the summary shows before and after training.
 TASK_METRICS = ("eval_accuracy", "eval_f1", "eval_reward_accuracy", "eval_exact_match", "eval_contains_match",
@@ -28,7 +29,7 @@ class LaunchConsole:
         self.console = console or Console(stderr=False)
         self.train_rows: dict[int, dict] = {}
         self.eval_rows: dict[int, dict] = {}
-        self.finish: dict = {}
+        self.outcome: Outcome | None = None  # rank 0's last words (the "finish" event)
         self.restarts = 0
         self.started = False  # a start event came: another one is a restart of the worker group
         self.first_steps: set[int] = set()
@@ -55,7 +56,7 @@ class LaunchConsole:
             f"  data: {data_meta['train_rows']} rows, {data_meta['train_tokens']} tokens "
             f"({data_meta['truncated']} truncated), {data_meta['eval_rows']} eval rows"
             f"{packed}\n"
-            f"  global batch {plan.micro_batch_size * plan.grad_accum_steps * plan.world_size} rows "
+            f"  global batch {plan.global_batch_rows} rows "
             f"(micro {plan.micro_batch_size} x accum {plan.grad_accum_steps} x {plan.world_size} workers)\n"
             f"  output: {recipe.output_dir}"
         )
@@ -86,7 +87,7 @@ class LaunchConsole:
             elif kind == "metrics":
                 self._record(event)
             elif kind == "finish":
-                self.finish = event
+                self.outcome = event["outcome"]
             elif kind == "worker_failed":
                 self._bar.console.print(f"[red]worker failed[/]: {escape(event['line'])}", highlight=False,
                                         soft_wrap=True)
@@ -137,7 +138,7 @@ class LaunchConsole:
                                                                           if "packing_efficiency" in r]) else None),
             "wall_time_s": round(wall_time_s, 1),
             "output_dir": str(output_dir),
-            "final_dir": self.finish.get("final_dir"),
+            "final_dir": self.outcome.final_dir if self.outcome is not None else None,
             "metrics": str(output_dir / "metrics.jsonl"),
             **self._best_lines(),
         }
@@ -150,14 +151,15 @@ class LaunchConsole:
 
     def _best_lines(self) -> dict:
         """Early stopping and the best checkpoint, when the run followed a metric."""
-        best = self.finish.get("best")
-        if not best:
+        outcome = self.outcome
+        if outcome is None or not outcome.best:
             return {}
-        lines = {"stopped_early_at": self.finish.get("stopped_early_at"), "best_metric": best["metric"],
+        best = outcome.best
+        lines = {"stopped_early_at": outcome.stopped_early_at, "best_metric": best["metric"],
                  "best_value": best["value"], "best_step": best["step"],
                  "evals_without_improvement": best["evals_without_improvement"]}
-        if self.finish.get("final_step") is not None:
-            lines["final_from_step"] = self.finish["final_step"]
+        if outcome.final_step is not None:
+            lines["final_from_step"] = outcome.final_step
         return lines
 
     def _print_summary(self, summary: dict) -> None:

@@ -19,21 +19,19 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
-from tunefleet.launcher.config.recipe import RESOLVED_RECIPE, Recipe
-from tunefleet.launcher.data import batches, preprocess, sources
+from tunefleet.launcher.config import RESOLVED_RECIPE, Recipe
+from tunefleet.launcher.data import batches, sources
 from tunefleet.launcher.errors import PreflightError, Problem, RecipeError, TrainingFailed, UserError
 from tunefleet.launcher.model import modeling
-from tunefleet.launcher.plan.layout import make_plan, rebalance
-from tunefleet.launcher.plan.memory_fit import plan_report
-from tunefleet.launcher.run import folders, session
+from tunefleet.launcher.plan.layout import LaunchPlan, make_plan, rebalance
+from tunefleet.launcher.run import folders, session, tokenize_task
 from tunefleet.launcher.run.console import LaunchConsole
 from tunefleet.launcher.training import checkpoint
 from tunefleet.launcher.training.control import EXIT_PREEMPTED, Control, forward_signals_to
-from tunefleet.launcher.training.faults import parse as parse_fault
 from tunefleet.launcher.training.loop import STARTUP_FILE, Job
 from tunefleet.launcher.training.metrics import WandbRun
+from tunefleet.launcher.training.outcome import Outcome, RunState
 from tunefleet.launcher.training.preflight import package_versions
-from tunefleet.strategies.base import StrategyPlan
 
 
 def input_problems(recipe: Recipe) -> list[Problem]:
@@ -45,30 +43,30 @@ def input_problems(recipe: Recipe) -> list[Problem]:
     return problems + sources.path_problems(recipe.data)
 
 
-def check_recipe(recipe: Recipe, source: str, *, on_this_machine: bool = False):
-    """Raise RecipeError with every input and layout problem; return (plan, reason).
+def check_recipe(recipe: Recipe, source: str, *, on_this_machine: bool = False) -> LaunchPlan:
+    """Raise RecipeError with every input and layout problem; return the plan.
     ``on_this_machine``: also check this machine's GPUs (an embedded Ray runs the workers here)."""
     problems = input_problems(recipe)
     try:
-        plan, reason = make_plan(recipe, source, on_this_machine=on_this_machine)
+        plan = make_plan(recipe, source, on_this_machine=on_this_machine)
     except RecipeError as exc:
         problems.extend(exc.problems)
-        plan = reason = None
     if problems:
         raise RecipeError(source, problems)
-    return plan, reason
+    return plan
 
 
 @dataclass(frozen=True)
 class LaunchResult:
     output_dir: str
     summary: dict
-    preempted_at: int | None = None
+    outcome: Outcome | None = None  # how the workers ended (None: they never said)
 
 
-def prepare_job(recipe: Recipe, plan: StrategyPlan, reason: str, resume: str) -> tuple[Job, str]:
+def prepare_job(recipe: Recipe, launch_plan: LaunchPlan, resume: str) -> tuple[Job, str]:
     """With Ray up and the recipe checked (``check_recipe``): settle the plan against any checkpoint,
     then tokenize once, as a Ray task on this node (bad rows raise DataError here)."""
+    plan, reason = launch_plan.strategy, launch_plan.reason
     existing = checkpoint.latest(recipe.checkpoint_dir)
     if existing is not None and resume == "never":
         raise UserError(
@@ -82,15 +80,14 @@ def prepare_job(recipe: Recipe, plan: StrategyPlan, reason: str, resume: str) ->
             reason += f"; accumulation set to {plan.grad_accum_steps} to keep the checkpoint's global batch"
     wandb_run_id = checkpoint.read_meta(existing).get("wandb_run_id") if existing else None
     model_path = modeling.resolve_model_path(recipe.model)
-    data_dir = preprocess.prepare_on_ray(recipe.data, model_path, seed=recipe.train.seed)
-    report = plan_report(recipe)
+    data_dir = tokenize_task.prepare_on_ray(recipe.data, model_path, seed=recipe.train.seed)
+    report = launch_plan.memory_report(recipe)
     job = Job(
         recipe=recipe, strategy_plan=plan,
         host_bytes_needed=report.row_for(plan.name).host_bytes * report.workers_per_node,
         attachments={"planner": report.model_dump(mode="json")}, model_path=model_path, data_dir=str(data_dir),
         wandb_run_id=wandb_run_id or uuid.uuid4().hex[:12], launch_id=uuid.uuid4().hex[:12],
         driver_versions=package_versions(),
-        fault=parse_fault(os.environ.get("TUNEFLEET_FAULT", "")),
     )
     return job, reason
 
@@ -128,7 +125,7 @@ def launch(recipe: Recipe, *, source: str, address: str | None = None, resume: s
     ``<output_dir>/launch.log`` and the console shows tunefleet's lines only."""
     console = console or LaunchConsole(enabled=recipe.logging.console)
     address = session.cluster_address(recipe, address)
-    plan, reason = check_recipe(recipe, source, on_this_machine=address is None)  # before Ray starts
+    plan = check_recipe(recipe, source, on_this_machine=address is None)  # before Ray starts
     started = time.time()
     output_dir = Path(recipe.output_dir)
     library_log = None if verbose else Path(tempfile.mkstemp(prefix="tunefleet-launch-", suffix=".log")[1])
@@ -137,7 +134,7 @@ def launch(recipe: Recipe, *, source: str, address: str | None = None, resume: s
         console.keep_terminal()
     try:
         with library_output_to(library_log):
-            return _launch_on_ray(recipe, plan, reason, console, address=address, resume=resume, started=started)
+            return _launch_on_ray(recipe, plan, console, address=address, resume=resume, started=started)
     finally:
         if library_log is not None:
             _keep_log(library_log, output_dir / LAUNCH_LOG)
@@ -151,7 +148,7 @@ def _keep_log(written: Path, kept: Path) -> None:
     written.unlink(missing_ok=True)
 
 
-def _launch_on_ray(recipe: Recipe, plan: StrategyPlan, reason: str, console: LaunchConsole, *,
+def _launch_on_ray(recipe: Recipe, plan: LaunchPlan, console: LaunchConsole, *,
                    address: str | None, resume: str, started: float) -> LaunchResult:
     import ray
     from ray.util.queue import Queue
@@ -159,7 +156,7 @@ def _launch_on_ray(recipe: Recipe, plan: StrategyPlan, reason: str, console: Lau
     session.connect(recipe, address)
     phases = {"launch": started, "ray_ready": time.time()}
     try:
-        job, reason = prepare_job(recipe, plan, reason, resume)
+        job, reason = prepare_job(recipe, plan, resume)
         phases["job_prepared"] = time.time()
         output_dir = Path(recipe.output_dir)
         output_dir.mkdir(parents=True, exist_ok=True)
@@ -191,17 +188,17 @@ def _launch_on_ray(recipe: Recipe, plan: StrategyPlan, reason: str, console: Lau
             raise _training_failed(recipe, failure[0]) from failure[0]
     finally:
         ray.shutdown()
-    if console.finish.get("preflight"):
-        (output_dir / "preflight.json").write_text(json.dumps(console.finish["preflight"], indent=2))
-    preempted_at = console.finish.get("preempted_at")
-    folders.record_state(output_dir, _final_state(console.finish))
-    if console.finish.get("preflight_failed"):
-        raise PreflightError("preflight failed:\n" + "\n".join(f"  - {p}" for p in console.finish["preflight_failed"]))
+    outcome = console.outcome
+    if outcome is not None and outcome.preflight:
+        (output_dir / "preflight.json").write_text(json.dumps(outcome.preflight, indent=2))
+    folders.record_state(output_dir, _final_state(outcome))
+    if outcome is not None and outcome.state is RunState.PREFLIGHT_FAILED:
+        raise PreflightError("preflight failed:\n" + "\n".join(f"  - {p}" for p in outcome.problems))
     summary = console.summary(output_dir, wall_time_s=time.time() - started)
     summary["startup_s"] = startup_breakdown(phases, output_dir / STARTUP_FILE)
     tracker.finish(summary)
     (output_dir / "summary.json").write_text(json.dumps(summary, indent=2))
-    return LaunchResult(output_dir=str(output_dir), summary=summary, preempted_at=preempted_at)
+    return LaunchResult(output_dir=str(output_dir), summary=summary, outcome=outcome)
 
 
 def startup_breakdown(driver_phases: dict[str, float], worker_file: Path) -> dict[str, float] | None:
@@ -219,13 +216,14 @@ def startup_breakdown(driver_phases: dict[str, float], worker_file: Path) -> dic
     return {**parts, "total": round(marks["first_step_done"] - marks["launch"], 2)}
 
 
-def _final_state(finish: dict) -> str:
-    """The run's state for `tunefleet runs`, from rank 0's last words (none: the workers never finished)."""
-    if not finish:
-        return "failed"
-    if finish.get("preempted_at"):
-        return "preempted"
-    return "stopped early" if finish.get("stopped_early_at") else "finished"
+# The run's state in `tunefleet runs` for each way the workers end.
+RUN_STATES = {RunState.FINISHED: "finished", RunState.STOPPED_EARLY: "stopped early",
+              RunState.PREEMPTED: "preempted", RunState.PREFLIGHT_FAILED: "failed"}
+
+
+def _final_state(outcome: Outcome | None) -> str:
+    """The run's state for `tunefleet runs`, from rank 0's outcome (None: the workers never finished)."""
+    return "failed" if outcome is None else RUN_STATES[outcome.state]
 
 
 def _exit_after_grace(recipe: Recipe, console: LaunchConsole) -> None:

@@ -44,7 +44,7 @@ import torch
 import typer
 import yaml
 
-from tunefleet.launcher.config.recipe import RESOLVED_RECIPE, MethodConfig, Recipe
+from tunefleet.launcher.config import RESOLVED_RECIPE, MethodConfig, Recipe
 from tunefleet.launcher.errors import UserError
 from tunefleet.launcher.model import modeling
 from tunefleet.launcher.training import checkpoint

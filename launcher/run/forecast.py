@@ -8,7 +8,7 @@ import statistics
 import tempfile
 from pathlib import Path
 
-from tunefleet.launcher.config.recipe import Recipe, load_recipe
+from tunefleet.launcher.config import Recipe, load_recipe
 
 MEASURE_OVERRIDES = [
     "train.warmup_steps=0", "train.eval_every_steps=null", "data.eval=null", "checkpoint.every_steps=null",

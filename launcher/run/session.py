@@ -8,9 +8,10 @@ import threading
 from pathlib import Path
 
 from tunefleet.launcher.collectives import process_group_backend
-from tunefleet.launcher.config.recipe import Recipe
+from tunefleet.launcher.config import Recipe
 from tunefleet.launcher.training import secrets
 from tunefleet.launcher.training.loop import Job
+from tunefleet.strategies.compat import deepspeed_env
 
 FORWARDED_ENV = ("TUNEFLEET_", "WANDB_", "HF_", "TRANSFORMERS_", "TORCH_EXTENSIONS_DIR", "RAY_TRAIN_", "DS_")
 
@@ -31,8 +32,8 @@ def worker_env(recipe: Recipe) -> dict[str, str]:
     """Settings for the workers' runtime env, which Ray logs: never a secret (see secrets.py)."""
     env, _ = forwarded()
     env.setdefault("OMP_NUM_THREADS", str(recipe.parallelism.cpus_per_worker))
-    if not recipe.parallelism.use_gpu:
-        env.setdefault("DS_ACCELERATOR", "cpu")  # DeepSpeed otherwise warns on every import
+    for name, value in deepspeed_env(recipe.parallelism.use_gpu).items():
+        env.setdefault(name, value)
     return env
 
 
@@ -96,12 +97,12 @@ def fit_in_background(trainer) -> tuple[threading.Thread, list[BaseException]]:
     """Start ``trainer.fit()`` on a thread (the caller keeps reading the workers' events); the list receives
     the exception it ends with, if any."""
     failure: list[BaseException] = []
-    thread = threading.Thread(target=_fit, args=(trainer, failure), daemon=True)
+    thread = threading.Thread(target=_run_fit, args=(trainer, failure), daemon=True)
     thread.start()
     return thread, failure
 
 
-def _fit(trainer, failure: list[BaseException]) -> None:
+def _run_fit(trainer, failure: list[BaseException]) -> None:
     try:
         trainer.fit()
     except BaseException as exc:  # re-raised on the main thread

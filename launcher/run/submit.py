@@ -20,7 +20,7 @@ from typing import Annotated, Any
 import typer
 from pydantic import BaseModel, ValidationError
 
-from tunefleet.launcher.config.recipe import KubernetesConfig, Recipe, SlurmConfig, load_recipe
+from tunefleet.launcher.config import KubernetesConfig, Recipe, SlurmConfig, load_recipe
 from tunefleet.launcher.errors import Problem, RecipeError, UserError
 
 # Per backend: the recipe section holding its settings, and the command-line

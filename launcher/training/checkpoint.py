@@ -24,7 +24,8 @@ import torch
 import torch.distributed as dist
 
 from tunefleet.launcher import collectives
-from tunefleet.strategies.base import AsyncSave, Strategy
+from tunefleet.strategies.base import Strategy
+from tunefleet.strategies.dcp_state import AsyncSave
 
 COMPLETE = "COMPLETE"
 _STEP_DIR = re.compile(r"^step_(\d+)$")

@@ -2,8 +2,10 @@
 
 Set ``TUNEFLEET_FAULT="rank=1,step=5,kind=sigkill"`` when launching (``at=step``,
 the default, fires before that step's forward; ``at=checkpoint`` fires while the
-checkpoint of that step is half written). Each fault fires once per output
-folder (a marker file remembers it), so the restarted worker group runs past it.
+checkpoint of that step is half written). The driver forwards ``TUNEFLEET_*``
+variables to the workers, where the training loop reads the spec (``planned``).
+Each fault fires once per output folder (a marker file remembers it), so the
+restarted worker group runs past it.
 """
 
 from __future__ import annotations
@@ -13,6 +15,7 @@ import signal
 import time
 from pathlib import Path
 
+ENV = "TUNEFLEET_FAULT"
 KINDS = ("raise", "sigkill", "segv", "sigterm", "stall")
 _SIGNALS = {"sigkill": signal.SIGKILL, "segv": signal.SIGSEGV, "sigterm": signal.SIGTERM}
 PLACES = ("step", "checkpoint")
@@ -33,6 +36,11 @@ def parse(spec: str) -> dict:
         raise ValueError(f"TUNEFLEET_FAULT at must be one of {PLACES}: {spec!r}")
     return {"rank": int(fault["rank"]), "step": int(fault["step"]), "kind": fault["kind"],
             "at": fault.get("at", "step"), "seconds": float(fault.get("seconds", 3600))}
+
+
+def planned() -> dict:
+    """The fault this process's environment plans (``TUNEFLEET_FAULT``); {} in normal runs."""
+    return parse(os.environ.get(ENV, ""))
 
 
 def maybe_inject(fault: dict, *, rank: int, step: int, at: str, output_dir: str) -> None:

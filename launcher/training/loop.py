@@ -1,5 +1,10 @@
-"""The per-worker training loop. Runs inside a Ray Train worker with the
-process group already up; reads top to bottom, like a single-file recipe."""
+"""The per-worker training loop. Runs inside a Ray Train worker with the process group already up.
+
+``TrainLoop`` keeps the run's state on itself and goes through its phases in order (``run``): preflight,
+setup, resume, train (each step: forward/backward and log, then evaluate, save and stop when due), finish
+(the final evaluation and checkpoint, the exported model) and cleanup. It returns the run's ``Outcome``, the
+same on every rank. `tunefleet eval` reuses the setup phases around exported weights (``evaluate_exported``).
+"""
 
 from __future__ import annotations
 
@@ -14,20 +19,25 @@ import torch
 import torch.distributed as dist
 
 from tunefleet.launcher import collectives
-from tunefleet.launcher.config.recipe import Recipe
+from tunefleet.launcher.config import Recipe
 from tunefleet.launcher.data import batches
 from tunefleet.launcher.evaluation.best_metric import META_KEY as BEST_KEY
 from tunefleet.launcher.evaluation.best_metric import BestMetric
-from tunefleet.launcher.evaluation.evaluate import evaluate_all, objective, open_eval_inputs
+from tunefleet.launcher.evaluation.evaluate import evaluate_all, load_trained, open_eval_inputs
 from tunefleet.launcher.model import modeling
+from tunefleet.launcher.objectives.select import objective
+from tunefleet.launcher.objectives.step import StepResult
 from tunefleet.launcher.plan.layout import rebalance
-from tunefleet.launcher.training import throughput
+from tunefleet.launcher.training import faults, throughput
 from tunefleet.launcher.training.checkpoint import CheckpointManager, latest, read_meta
 from tunefleet.launcher.training.control import StopPoller
 from tunefleet.launcher.training.metrics import Reporter
+from tunefleet.launcher.training.outcome import Outcome, RunState
 from tunefleet.launcher.training.preflight import run_preflight
-from tunefleet.strategies import base as strategies
+from tunefleet.strategies import registry as strategies
 from tunefleet.strategies.base import StrategyPlan
+
+STARTUP_FILE = "startup.json"
 
 
 @dataclass(frozen=True)
@@ -43,12 +53,14 @@ class Job:
     attachments: dict = field(default_factory=dict)  # e.g. the planner's report, for the W&B run
     driver_versions: dict = field(default_factory=dict)
     host_bytes_needed: int = 0
-    fault: dict = field(default_factory=dict)  # test-only fault injection, see faults.py
 
 
-def worker_device(plan: StrategyPlan) -> torch.device:
-    """The device this rank trains (and evaluates) on: its GPU, or the CPU."""
-    return torch.device("cuda", torch.cuda.current_device()) if plan.use_gpu else torch.device("cpu")
+@dataclass(frozen=True)
+class EvalJob(Job):
+    """What the driver resolved for `tunefleet eval`: the run's recipe with the evaluated file as its data, and
+    the exported model or adapter (``model_path`` stays the base: tokenizer, adapters, DPO's reference)."""
+
+    model_dir: str = field(kw_only=True)
 
 
 def seed_everything(seed: int) -> None:
@@ -57,172 +69,287 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
-def run(job: Job, reporter: Reporter, control=None, node: str | None = None) -> dict:
-    recipe = job.recipe
-    startup = {"worker_start": time.time()}  # wall clock of each start-up phase; rank 0 writes STARTUP_FILE
-    rank, world_size = dist.get_rank(), dist.get_world_size()
-    plan = rebalance(job.strategy_plan, world_size=world_size)
-    device = worker_device(plan)
-    seed_everything(recipe.train.seed)
+class TrainLoop:
+    """One rank's part of a run. The phases are collective: every rank runs each one."""
 
-    # Preflight: fail in seconds, naming the node, before anything heavy happens.
-    problems, preflight = run_preflight(
-        driver_versions=job.driver_versions, checkpoint_dir=recipe.checkpoint_dir,
-        host_bytes_needed=job.host_bytes_needed, device=device, node=node,
-    )
-    if problems:
-        return {"preflight_failed": problems, "preflight": preflight}
+    def __init__(self, job: Job, reporter: Reporter, *, control=None, node: str | None = None):
+        self.job, self.recipe, self.reporter, self.control, self.node = job, job.recipe, reporter, control, node
+        self.startup = {"worker_start": time.time()}  # wall clock of each start-up phase; rank 0 writes STARTUP_FILE
+        self.rank, self.world_size = dist.get_rank(), dist.get_world_size()
+        self.plan = rebalance(job.strategy_plan, world_size=self.world_size)
+        self.device = self.plan.device
+        self.fault = faults.planned()  # test-only fault injection; {} in normal runs
+        self.preflight: dict = {}
+        # Where the run stands; a resume restores it from the checkpoint.
+        self.start_step = 0
+        self.tokens_seen = 0
+        self.wandb_run_id = job.wandb_run_id
+        self.reference_start: float | None = None  # reference perplexity before training
+        self.stopped_early_at: int | None = None
+        self.restarts = 0
 
-    # Model, strategy, optimizer.
-    startup["preflight_done"] = time.time()
-    strategy = strategies.create(plan)
-    tokenizer = modeling.load_tokenizer(job.model_path)
-    module = modeling.load_model(
-        recipe.model, recipe.method, job.model_path, init_context=strategy.model_init_context()
-    )
-    startup["model_loaded"] = time.time()
-    strategy.setup(
-        module,
-        modeling.make_optimizer_factory(recipe.train),
-        modeling.make_scheduler_factory(recipe.train),
-        modeling.param_groups(module, recipe.train),
-    )
+    def run(self) -> Outcome:
+        """Every phase, in order."""
+        seed_everything(self.recipe.train.seed)
+        problems = self.check_environment()
+        if problems:
+            return Outcome(RunState.PREFLIGHT_FAILED, preflight=self.preflight, problems=tuple(problems))
+        self.setup()
+        self.resume()
+        outcome = self.train() or self.finish()
+        self.cleanup()
+        return outcome
 
-    startup["strategy_ready"] = time.time()
-    num_params = sum(getattr(p, "ds_numel", p.numel()) for p in strategy.unwrapped.parameters())
-    num_trainable = sum(getattr(p, "ds_numel", p.numel()) for p in strategy.unwrapped.parameters() if p.requires_grad)
-    peak_flops = throughput.device_peak(device, plan.mixed_precision)
-    if rank == 0:
-        throughput.record_peak(recipe.output_dir, peak_flops)
-    model_config = getattr(strategy.unwrapped, "config", None)
+    # ------------------------------------------------------------------------ preflight and setup
+    def check_environment(self) -> list[str]:
+        """Preflight: fail in seconds, naming the node, before anything heavy happens."""
+        problems, self.preflight = run_preflight(
+            driver_versions=self.job.driver_versions, checkpoint_dir=self.recipe.checkpoint_dir,
+            host_bytes_needed=self.job.host_bytes_needed, device=self.device, node=self.node,
+        )
+        self.startup["preflight_done"] = time.time()
+        return problems
 
-    # Data: memory-mapped token arrays prepared once by the driver.
-    train_split = batches.open_split(Path(job.data_dir), "train")
-    pad_id = tokenizer.pad_token_id
-    # The objective's figures, greedy generations matched with references, and the forgetting watch.
-    eval_set = open_eval_inputs(recipe, job.data_dir, tokenizer, rank=rank, world_size=world_size,
-                                batch_size=plan.micro_batch_size)
-    step_fn, evaluate_fn = objective(recipe, job.model_path, device)
-    reference_start = None  # reference perplexity before training; a resume reads it from the checkpoint
-    best = BestMetric.for_recipe(recipe)  # checkpoint.keep_best, early stopping; None without either
-    stopped_early_at = None
+    def setup(self) -> None:
+        """The model in its strategy, throughput accounting, the data (memory-mapped token arrays the driver
+        prepared), the evaluation and the objective, best-metric tracking and the checkpoint manager."""
+        self.setup_model()
+        self.setup_throughput()
+        self.train_split = batches.open_split(Path(self.job.data_dir), "train")
+        self.setup_evaluation()
+        ckpt = self.recipe.checkpoint
+        self.best = BestMetric.for_run(self.recipe.data.eval, keep_best=ckpt.keep_best)  # None: no metric followed
+        self.checkpoints = CheckpointManager(self.recipe.checkpoint_dir, ckpt.keep_last, async_save=ckpt.async_save,
+                                             keep_best=ckpt.keep_best)
 
-    # Resume from the newest complete checkpoint, if any.
-    checkpoints = CheckpointManager(recipe.checkpoint_dir, recipe.checkpoint.keep_last,
-                                    async_save=recipe.checkpoint.async_save, keep_best=recipe.checkpoint.keep_best)
-    start_step, tokens_seen, wandb_run_id = 0, 0, job.wandb_run_id
-    if (resume_from := latest(recipe.checkpoint_dir)) is not None:
+    def setup_model(self) -> None:
+        """The strategy around the module, with its optimizer and scheduler."""
+        recipe = self.recipe
+        self.strategy = strategies.create(self.plan)
+        self.tokenizer = modeling.load_tokenizer(self.job.model_path)
+        module = self.load_module(self.strategy.model_init_context())
+        self.startup["model_loaded"] = time.time()
+        self.strategy.setup(
+            module,
+            modeling.make_optimizer_factory(recipe.train),
+            modeling.make_scheduler_factory(recipe.train),
+            modeling.param_groups(module, recipe.train),
+        )
+        self.startup["strategy_ready"] = time.time()
+
+    def load_module(self, init_context) -> torch.nn.Module:
+        """The recipe's model; for `tunefleet eval`, the exported weights in it."""
+        recipe, job = self.recipe, self.job
+        if isinstance(job, EvalJob):
+            return load_trained(recipe.model, recipe.method, job.model_path, job.model_dir, init_context)
+        return modeling.load_model(recipe.model, recipe.method, job.model_path, init_context=init_context)
+
+    def setup_throughput(self) -> None:
+        """What MFU needs: parameter counts, the model's shape, and the device's peak (recorded in the run folder)."""
+        params = list(self.strategy.unwrapped.parameters())
+        self.num_params = sum(getattr(p, "ds_numel", p.numel()) for p in params)
+        self.num_trainable = sum(getattr(p, "ds_numel", p.numel()) for p in params if p.requires_grad)
+        self.peak_flops = throughput.device_peak(self.device, self.plan.mixed_precision)
+        if self.rank == 0:
+            throughput.record_peak(self.recipe.output_dir, self.peak_flops)
+        self.model_config = getattr(self.strategy.unwrapped, "config", None)
+
+    def setup_evaluation(self) -> None:
+        """This rank's eval inputs (None without an eval split: the objective's figures, greedy generations
+        matched with references, the forgetting watch) and the objective's step and evaluation."""
+        self.eval_inputs = open_eval_inputs(self.recipe.data.eval, self.job.data_dir, self.tokenizer, rank=self.rank,
+                                            world_size=self.world_size, batch_size=self.plan.micro_batch_size)
+        self.objective = objective(self.recipe.model, self.recipe.method, self.job.model_path, self.device)
+
+    # ------------------------------------------------------------------------ resume
+    def resume(self) -> None:
+        """Continue from the newest complete checkpoint, if any; count this attempt; tell the driver."""
+        resumed_from = latest(self.recipe.checkpoint_dir)
+        if resumed_from is not None:
+            self.restore(resumed_from)
+        self.restarts = count_attempt(self.recipe.output_dir, self.job.launch_id, self.rank) - 1
+        attachments = {"preflight": self.preflight, "plan": self.plan.model_dump(mode="json"), **self.job.attachments}
+        self.reporter.start(start_step=self.start_step, resumed_from=resumed_from, attachments=attachments)
+
+    def restore(self, path: Path) -> None:
         # Trainable as at the checkpoint, so the loader restores optimizer state for exactly those parameters.
-        modeling.apply_unfreeze(strategy.unwrapped, read_meta(resume_from)["step"] - 1)
-        meta = checkpoints.load(resume_from, strategy)
-        start_step, tokens_seen = meta["step"], meta["tokens_seen"]
-        wandb_run_id = meta.get("wandb_run_id", wandb_run_id)
-        reference_start = meta.get("reference_perplexity_start")
-        stopped_early_at = meta.get("stopped_early_at")  # a stopped run stays stopped
-        if best is not None:
-            best.restore(meta.get(BEST_KEY))
-    restarts = count_attempt(recipe.output_dir, job.launch_id, rank) - 1
-    reporter.start(start_step=start_step, resumed_from=resume_from,
-                   attachments={"preflight": preflight, "plan": plan.model_dump(mode="json"), **job.attachments})
+        modeling.apply_unfreeze(self.strategy.unwrapped, read_meta(path)["step"] - 1)
+        meta = self.checkpoints.load(path, self.strategy)
+        self.start_step, self.tokens_seen = meta["step"], meta["tokens_seen"]
+        self.wandb_run_id = meta.get("wandb_run_id", self.wandb_run_id)
+        self.reference_start = meta.get("reference_perplexity_start")
+        self.stopped_early_at = meta.get("stopped_early_at")  # a stopped run stays stopped
+        if self.best is not None:
+            self.best.restore(meta.get(BEST_KEY))
 
-    def save_checkpoint(step: int) -> None:
+    # ------------------------------------------------------------------------ train
+    def train(self) -> Outcome | None:
+        """The steps up to `train.max_steps`: each trains and logs; then, before the last one, evaluations and
+        checkpoints when due, early stopping, and stop requests. The outcome if a stop request ended the run
+        (preempted), else None."""
+        if self.eval_inputs is not None and self.start_step == 0:
+            self.evaluate(0)
+        stop = StopPoller(self.control, self.rank)
+        max_steps = self.recipe.train.max_steps
+        last_step = max_steps if self.stopped_early_at is None else self.start_step  # resuming a stopped run: done
+        for step in range(self.start_step, last_step):
+            done = self.train_step(step)
+            if done == max_steps:
+                break  # its evaluation and checkpoint are the finish's
+            new_best = self.evaluate(done) if self.evaluation_due(done) else False
+            if self.best is not None and self.best.should_stop:
+                self.stopped_early_at = done  # on every rank: they all followed rank 0's figure (`agreed`)
+            saved = every(self.recipe.checkpoint.every_steps, done) or new_best or self.stopped_early_at is not None
+            if saved:
+                self.save(done)
+            if self.stopped_early_at is not None:
+                break
+            if stop.agreed():
+                return self.preempt(done, saved=saved, reason=stop.reason)
+        return None
+
+    def train_step(self, step: int) -> int:
+        """One optimizer step on the step's batches; returns the number of steps done."""
+        micro_batches = batches.rank_micro_batches(
+            self.train_split, step, rank=self.rank, world_size=self.world_size,
+            micro_batch_size=self.plan.micro_batch_size, grad_accum_steps=self.plan.grad_accum_steps,
+            seed=self.recipe.train.seed, pad_id=self.tokenizer.pad_token_id,
+        )
+        modeling.apply_unfreeze(self.strategy.unwrapped, step)  # train.unfreeze_schedule; no-op without one
+        self.inject_fault(step, "step")
         started = time.perf_counter()
-        checkpoints.save(step, strategy, {
-            "tokens_seen": tokens_seen, "world_size": world_size, "wandb_run_id": wandb_run_id,
-            "recipe_fingerprint": recipe.fingerprint(), "strategy": plan.name,
-            "global_batch_rows": plan.global_batch_rows, "reference_perplexity_start": reference_start,
-            BEST_KEY: best.state() if best is not None else None, "stopped_early_at": stopped_early_at,
-        }, before_commit=lambda: inject_fault(job, rank, step, "checkpoint"))
-        reporter.log({"step": step, "checkpoint_stall_s": time.perf_counter() - started})
+        result = self.objective.step(self.strategy, micro_batches, self.device)
+        step_time_s = time.perf_counter() - started
+        self.tokens_seen += result.num_input_tokens
+        done = step + 1
+        if step == self.start_step and self.rank == 0:
+            record_startup(self.recipe.output_dir, {**self.startup, "first_step_done": time.time()})
+        if done % self.recipe.logging.every_steps == 0 or done == self.recipe.train.max_steps:
+            self.log_step(done, result, micro_batches, step_time_s)
+        return done
 
-    def run_evaluation(step: int) -> bool:
+    def log_step(self, step: int, result: StepResult, micro_batches: list[dict[str, torch.Tensor]],
+                 step_time_s: float) -> None:
+        """Collective (every rank's memory): the step's row of metrics.jsonl."""
+        rows, num_tokens, world_size = self.plan.global_batch_rows, result.num_input_tokens, self.world_size
+        flops = throughput.flops_per_token(
+            self.model_config, self.num_params, self.num_trainable, seq_len=num_tokens // rows
+        ) * num_tokens
+        self.reporter.log({
+            "step": step, "loss": result.loss, "lr": self.strategy.scheduler.get_last_lr()[0],
+            "grad_norm": result.grad_norm, "tokens_per_s": num_tokens / step_time_s,
+            "tokens_per_s_per_worker": num_tokens / step_time_s / world_size,
+            "samples_per_s": rows / step_time_s, "step_time_s": step_time_s, "tokens_seen": self.tokens_seen,
+            "mfu": throughput.mfu(flops, step_time_s, self.peak_flops, world_size),
+            "packing_efficiency": batch_fill(micro_batches), "restarts": self.restarts,
+            **result.metrics(), **memory_per_rank(self.strategy, self.device),
+        })
+
+    def preempt(self, step: int, *, saved: bool, reason: str | None) -> Outcome:
+        """A stop was requested: checkpoint ``step`` (unless it just was) and stop."""
+        if not saved:
+            self.save(step)
+        self.checkpoints.wait()
+        return Outcome(RunState.PREEMPTED, preflight=self.preflight, preempted_at=step, stop_reason=reason)
+
+    # ------------------------------------------------------------------------ evaluate
+    def evaluate(self, step: int) -> bool:
         """Evaluate and log; True when it is a new best that `checkpoint.keep_best` keeps."""
-        nonlocal reference_start
-        row = evaluate_all(strategy, eval_set, evaluate_fn, recipe, tokenizer, batch_size=plan.micro_batch_size,
-                           device=device)
+        row = self.evaluation_figures()
         if "reference_perplexity" in row:
-            reference_start = row["reference_perplexity"] if reference_start is None else reference_start
-            row["reference_perplexity_change"] = row["reference_perplexity"] - reference_start
-        improved = best is not None and best.update(step, agreed(row[best.metric], device))
+            self.reference_start = row["reference_perplexity"] if self.reference_start is None else self.reference_start
+            row["reference_perplexity_change"] = row["reference_perplexity"] - self.reference_start
+        best = self.best
+        improved = best is not None and best.update(step, agreed(row[best.metric], self.device))
         if best is not None and best.step is not None:
             row |= {"best_metric": best.value, "best_step": best.step}
-        reporter.log({"step": step, **row})
-        return improved and recipe.checkpoint.keep_best
+        self.reporter.log({"step": step, **row})
+        return improved and self.recipe.checkpoint.keep_best
 
-    if eval_set is not None and start_step == 0:
-        run_evaluation(0)
+    def evaluation_due(self, step: int) -> bool:
+        """Whether `train.eval_every_steps` evaluates after ``step`` (the run has an eval split)."""
+        return self.eval_inputs is not None and every(self.recipe.train.eval_every_steps, step)
 
-    # The loop.
-    every_eval, every_ckpt = recipe.train.eval_every_steps, recipe.checkpoint.every_steps
-    stop = StopPoller(control, rank)
-    last_step = recipe.train.max_steps if stopped_early_at is None else start_step  # resuming a stopped run: done
-    for step in range(start_step, last_step):
-        micro_batches = batches.rank_micro_batches(
-            train_split, step, rank=rank, world_size=world_size,
-            micro_batch_size=plan.micro_batch_size, grad_accum_steps=plan.grad_accum_steps,
-            seed=recipe.train.seed, pad_id=pad_id,
-        )
-        modeling.apply_unfreeze(strategy.unwrapped, step)  # train.unfreeze_schedule; no-op without one
-        inject_fault(job, rank, step, "step")
+    def evaluation_figures(self) -> dict[str, float]:
+        """Collective: every figure of one evaluation of the model as it is, the same on every rank."""
+        return evaluate_all(self.strategy, self.eval_inputs, self.objective.evaluate, self.tokenizer,
+                            device=self.device)
+
+    # ------------------------------------------------------------------------ save
+    def save(self, step: int) -> None:
+        """Collective: a resumable checkpoint of ``step``; the time the loop stalled for it is logged."""
         started = time.perf_counter()
-        result = step_fn(strategy, micro_batches, device)
-        step_time_s = time.perf_counter() - started
-        tokens_seen += result.num_input_tokens
-        done = step + 1
-        if step == start_step and rank == 0:
-            record_startup(recipe.output_dir, {**startup, "first_step_done": time.time()})
-        if done % recipe.logging.every_steps == 0 or done == recipe.train.max_steps:
-            rows = plan.global_batch_rows
-            flops = throughput.flops_per_token(
-                model_config, num_params, num_trainable, seq_len=result.num_input_tokens // rows
-            ) * result.num_input_tokens
-            reporter.log({
-                "step": done, "loss": result.loss, "lr": strategy.scheduler.get_last_lr()[0],
-                "grad_norm": result.grad_norm, "tokens_per_s": result.num_input_tokens / step_time_s,
-                "tokens_per_s_per_worker": result.num_input_tokens / step_time_s / world_size,
-                "samples_per_s": rows / step_time_s, "step_time_s": step_time_s, "tokens_seen": tokens_seen,
-                "mfu": throughput.mfu(flops, step_time_s, peak_flops, world_size),
-                "packing_efficiency": batch_fill(micro_batches), "restarts": restarts,
-                **result.metrics(), **memory_per_rank(strategy, device),
-            })
-        new_best = False
-        if eval_set is not None and every_eval and done % every_eval == 0 and done != recipe.train.max_steps:
-            new_best = run_evaluation(done)
-        if best is not None and best.should_stop and done != recipe.train.max_steps:
-            stopped_early_at = done  # on every rank: they all followed rank 0's figure (`agreed`)
-        periodic = every_ckpt and done % every_ckpt == 0
-        saved = (periodic or new_best or stopped_early_at is not None) and done != recipe.train.max_steps
-        if saved:
-            save_checkpoint(done)
-        if stopped_early_at is not None:
-            break
-        if done != recipe.train.max_steps and stop.agreed():
-            if not saved:
-                save_checkpoint(done)
-            checkpoints.wait()
-            strategy.teardown()
-            return {"preempted_at": done, "reason": stop.reason, "preflight": preflight}
+        self.checkpoints.save(step, self.strategy, self.checkpoint_meta(),
+                              before_commit=lambda: self.inject_fault(step, "checkpoint"))
+        self.reporter.log({"step": step, "checkpoint_stall_s": time.perf_counter() - started})
 
-    # The end (unless stopped early): final eval, a last checkpoint, and the exported model.
-    final_step = recipe.train.max_steps
-    if stopped_early_at is None and start_step < final_step:
-        new_best = run_evaluation(final_step) if eval_set is not None else False
-        if every_ckpt or new_best:
-            save_checkpoint(final_step)
-    checkpoints.wait()
-    final_dir = Path(recipe.output_dir) / "final"
-    exported_step = stopped_early_at or final_step
-    if recipe.checkpoint.export_final:
-        if recipe.checkpoint.final_from == "best" and best.step is not None and best.step != exported_step:
-            exported_step = load_best(checkpoints, strategy, best.step)
-        state = strategy.full_state_dict()
-        if rank == 0:
-            modeling.save_final(strategy.unwrapped, state, tokenizer, final_dir)
+    def checkpoint_meta(self) -> dict:
+        """What a resume reads back (``restore``) besides the strategy's state and the RNG."""
+        plan, best = self.plan, self.best
+        return {
+            "tokens_seen": self.tokens_seen, "world_size": self.world_size, "wandb_run_id": self.wandb_run_id,
+            "recipe_fingerprint": self.recipe.fingerprint(), "strategy": plan.name,
+            "global_batch_rows": plan.global_batch_rows, "reference_perplexity_start": self.reference_start,
+            BEST_KEY: best.state() if best is not None else None, "stopped_early_at": self.stopped_early_at,
+        }
+
+    # ------------------------------------------------------------------------ finish and cleanup
+    def finish(self) -> Outcome:
+        """The end (of the steps, or of a run stopped early): unless stopped early, a final evaluation and
+        checkpoint; then the exported model."""
+        max_steps, ckpt = self.recipe.train.max_steps, self.recipe.checkpoint
+        if self.stopped_early_at is None and self.start_step < max_steps:
+            new_best = self.evaluate(max_steps) if self.eval_inputs is not None else False
+            if ckpt.every_steps or new_best:
+                self.save(max_steps)
+        self.checkpoints.wait()
+        final_step = self.export() if ckpt.export_final else None
+        return Outcome(
+            RunState.FINISHED if self.stopped_early_at is None else RunState.STOPPED_EARLY,
+            preflight=self.preflight, stopped_early_at=self.stopped_early_at, final_step=final_step,
+            final_dir=str(self.final_dir) if ckpt.export_final else None,
+            best=self.best.state() if self.best is not None else None,
+        )
+
+    @property
+    def final_dir(self) -> Path:
+        return Path(self.recipe.output_dir) / "final"
+
+    def export(self) -> int:
+        """Collective: the model in Hugging Face format in final/: the last step's weights, or with
+        `checkpoint.final_from: best` the best checkpoint's. Returns the step exported."""
+        step, best = self.stopped_early_at or self.recipe.train.max_steps, self.best
+        if self.recipe.checkpoint.final_from == "best" and best.step is not None and best.step != step:
+            step = load_best(self.checkpoints, self.strategy, best.step)
+        state = self.strategy.full_state_dict()
+        if self.rank == 0:
+            modeling.save_final(self.strategy.unwrapped, state, self.tokenizer, self.final_dir)
         collectives.barrier()
-    strategy.teardown()
-    return {"final_dir": str(final_dir) if recipe.checkpoint.export_final else None, "preflight": preflight,
-            "final_step": exported_step if recipe.checkpoint.export_final else None,
-            "stopped_early_at": stopped_early_at, **({"best": best.state()} if best is not None else {})}
+        return step
+
+    def cleanup(self) -> None:
+        self.strategy.teardown()
+
+    def inject_fault(self, step: int, at: str) -> None:
+        """Test hook: act on a fault planned for (rank, step, place); no-op in normal runs."""
+        if self.fault:
+            faults.maybe_inject(self.fault, rank=self.rank, step=step, at=at, output_dir=self.recipe.output_dir)
+
+
+def evaluate_exported(job: EvalJob) -> dict[str, float]:
+    """Collective, for `tunefleet eval`: the loop's setup around the exported weights, then one evaluation."""
+    loop = TrainLoop(job, Reporter(enabled=False, output_dir=job.recipe.output_dir))
+    seed_everything(job.recipe.train.seed)
+    loop.setup_model()
+    loop.setup_evaluation()
+    row = loop.evaluation_figures()
+    loop.cleanup()
+    return row
+
+
+def every(num_steps: int | None, step: int) -> bool:
+    """Whether a schedule of every ``num_steps`` steps (None: never) falls on ``step``."""
+    return bool(num_steps) and step % num_steps == 0
 
 
 def agreed(value: float, device: torch.device) -> float:
@@ -254,9 +381,6 @@ def memory_per_rank(strategy, device: torch.device) -> dict[str, list[int]]:
     return {f"{name}_per_rank": [int(g[i]) for g in gathered] for i, name in enumerate(stats)}
 
 
-STARTUP_FILE = "startup.json"
-
-
 def record_startup(output_dir: str, phases: dict[str, float]) -> None:
     """Rank 0: when (wall clock) each start-up phase of this attempt ended, for the launch summary."""
     (Path(output_dir) / STARTUP_FILE).write_text(json.dumps(phases))
@@ -271,12 +395,3 @@ def count_attempt(output_dir: str, launch_id: str, rank: int) -> int:
             handle.write(launch_id + "\n")
     collectives.barrier()
     return attempts.read_text().split().count(launch_id) if attempts.is_file() else 1
-
-
-def inject_fault(job: Job, rank: int, step: int, at: str) -> None:
-    """Test hook: act on a fault planned for (rank, step, place); no-op in normal runs."""
-    if job.fault:
-        from tunefleet.launcher.training.faults import maybe_inject
-
-        maybe_inject(job.fault, rank=rank, step=step, at=at, output_dir=job.recipe.output_dir)
-

@@ -15,7 +15,8 @@ import time
 from pathlib import Path
 from typing import Any
 
-from tunefleet.launcher.config.recipe import WandbConfig
+from tunefleet.launcher.config import WandbConfig
+from tunefleet.launcher.training.outcome import Outcome
 
 METRICS_FILE = "metrics.jsonl"
 WANDB_STEP_FILE = ".wandb_last_step"
@@ -76,9 +77,10 @@ class Reporter:
             handle.write(json.dumps(row) + "\n")
         self._send({"event": "metrics", **row})
 
-    def finish(self, summary: dict[str, Any]) -> None:
+    def finish(self, outcome: Outcome) -> None:
+        """How the run ended, for the driver (the event pickles the frozen outcome through the queue)."""
         if self.enabled:
-            self._send({"event": "finish", **summary})
+            self._send({"event": "finish", "outcome": outcome})
 
     def _send(self, message: dict[str, Any]) -> None:
         if self.queue is not None:

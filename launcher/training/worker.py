@@ -1,5 +1,6 @@
-"""The function Ray Train runs on every worker: quiet the libraries, build the
-rank's reporter, and hand over to the training loop."""
+"""The functions Ray Train runs on every worker: quiet the libraries, then hand over to the training loop
+(`tunefleet launch`), or to one evaluation with the loop's setup (`tunefleet eval`). Rank 0 sends the result
+to the driver."""
 
 from __future__ import annotations
 
@@ -11,11 +12,11 @@ import ray
 import ray.train
 
 from tunefleet.launcher.training import failures, secrets
-from tunefleet.launcher.training.loop import Job, run
+from tunefleet.launcher.training.loop import Job, TrainLoop, evaluate_exported
 from tunefleet.launcher.training.metrics import Reporter
 
 
-def _quiet_libraries() -> None:
+def quiet_libraries() -> None:
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
     import transformers
@@ -26,12 +27,22 @@ def _quiet_libraries() -> None:
 
 def train_loop_per_worker(config: dict) -> None:
     secrets.install(config.get("secrets"))
-    _quiet_libraries()
+    quiet_libraries()
     job: Job = config["job"]
     rank = ray.train.get_context().get_world_rank()
     reporter = Reporter(enabled=rank == 0, output_dir=job.recipe.output_dir, queue=config.get("queue"))
     node_id = ray.get_runtime_context().get_node_id()
     failures.watch(job.recipe.output_dir, rank, node_ip=ray.util.get_node_ip_address(), node_id=node_id)
     node = f"{socket.gethostname()}/{node_id[:8]}"
-    result = run(job, reporter, control=config.get("control"), node=node)
-    reporter.finish(result)
+    outcome = TrainLoop(job, reporter, control=config.get("control"), node=node).run()
+    reporter.finish(outcome)
+
+
+def eval_loop_per_worker(config: dict) -> None:
+    """`tunefleet eval`: evaluate the exported model once (``config["job"]``, an EvalJob); rank 0 sends the
+    figures back."""
+    secrets.install(config.get("secrets"))
+    quiet_libraries()
+    row = evaluate_exported(config["job"])
+    if ray.train.get_context().get_world_rank() == 0:
+        config["queue"].put({"event": "finish", "metrics": row})

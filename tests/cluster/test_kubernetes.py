@@ -31,7 +31,7 @@ import yaml
 
 from tunefleet.cluster import kubernetes as k8s
 from tunefleet.cluster.backend import ClusterError
-from tunefleet.launcher.config.recipe import SlurmConfig, load_recipe
+from tunefleet.launcher.config import SlurmConfig, load_recipe
 
 K8S_VERSION = "1.33"
 SCHEMA = json.loads((Path(__file__).parent / "k8s_schemas" / "rayjob-v1.json").read_text())
@@ -258,11 +258,11 @@ def test_plugs_into_the_backend_registry(monkeypatch):
 # --------------------------------------------------------------------------- one recipe, three backends
 def test_local_slurm_and_kubernetes_agree(tmp_path):
     from tunefleet.cluster.slurm import render_sbatch
-    from tunefleet.launcher.run.driver import _trainer
+    from tunefleet.launcher.run.session import worker_group
 
     recipe, path = make_recipe(tmp_path, {"parallelism": {"use_gpu": True}}, ["fault_tolerance.max_restarts=4"])
     par = recipe.parallelism
-    local = _trainer(SimpleNamespace(recipe=recipe), None, None)
+    local = worker_group(SimpleNamespace(recipe=recipe), None, None)
     scaling, failure = local.scaling_config, local.run_config.failure_config
 
     configmap, _, job = render(recipe)

@@ -28,7 +28,7 @@ from tests.cluster.conftest import (
 from tests.conftest import REPO
 from tunefleet.cluster.backend import ClusterError, parse_job_ref
 from tunefleet.cluster.slurm import cancel, parse_scontrol, render_sbatch, status
-from tunefleet.launcher.config.recipe import SlurmConfig, load_recipe
+from tunefleet.launcher.config import SlurmConfig, load_recipe
 from tunefleet.launcher.errors import RecipeError, UserError
 from tunefleet.launcher.run.submit import backend_options
 from tunefleet.launcher.run.submit import submit as submit_command

@@ -66,9 +66,9 @@ def _micro_batches(step: int) -> list[dict[str, torch.Tensor]]:
 
 def _train(strategy_name: str, model_dir: str, checkpoint: str, resume: bool) -> dict:
     from tunefleet.launcher.model.modeling import load_model, make_optimizer_factory, make_scheduler_factory, param_groups
-    from tunefleet.launcher.config.recipe import MethodConfig, ModelConfig, TrainConfig
+    from tunefleet.launcher.config import MethodConfig, ModelConfig, TrainConfig
     from tunefleet.launcher.objectives.sft import train_step
-    from tunefleet.strategies.base import create
+    from tunefleet.strategies.registry import create
 
     plan = _plan(strategy_name, dist.get_world_size())
     train = TrainConfig(max_steps=NUM_STEPS, micro_batch_size=plan.micro_batch_size,

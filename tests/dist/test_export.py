@@ -57,7 +57,7 @@ def _train_and_save(run_dir: Path) -> dict[str, torch.Tensor]:
     from tunefleet.launcher.model.modeling import load_model, make_optimizer_factory, make_scheduler_factory, param_groups
     from tunefleet.launcher.plan.layout import strategy_plan
     from tunefleet.launcher.objectives.sft import train_step
-    from tunefleet.strategies.base import create
+    from tunefleet.strategies.registry import create
 
     recipe = read_run_recipe(run_dir)
     plan = strategy_plan(recipe, recipe.parallelism.strategy)
@@ -87,7 +87,7 @@ def _train_all(runs_root: str) -> dict[str, dict[str, torch.Tensor]]:
 
 # ----------------------------------------------------------------------------- parent side
 def _write_run(run_dir: Path, model_dir: str, strategy: str, method: str) -> None:
-    from tunefleet.launcher.config.recipe import Recipe
+    from tunefleet.launcher.config import Recipe
 
     recipe = Recipe.model_validate({
         "name": f"export-{strategy}-{method}", "output_dir": str(run_dir), "model": {"path": model_dir},

@@ -47,8 +47,9 @@ def _uneven_prompts(model: torch.nn.Module, rank: int) -> tuple[list[generation.
 
 def _generate_everywhere(model_dir: str) -> dict[str, list[str]]:
     from tunefleet.launcher.model.modeling import load_model, make_optimizer_factory, make_scheduler_factory, param_groups
-    from tunefleet.launcher.config.recipe import MethodConfig, ModelConfig, TrainConfig
-    from tunefleet.strategies.base import StrategyPlan, create
+    from tunefleet.launcher.config import MethodConfig, ModelConfig, TrainConfig
+    from tunefleet.strategies.base import StrategyPlan
+    from tunefleet.strategies.registry import create
 
     cpu, rank = torch.device("cpu"), dist.get_rank()
     plain = SimpleNamespace(unwrapped=load_model(ModelConfig(path=model_dir), MethodConfig(), model_dir))

@@ -58,7 +58,8 @@ def train_and_save(strategy_name: str, run_dir: str) -> torch.Tensor:
         save_final,
     )
     from tunefleet.launcher.objectives.sft import train_step
-    from tunefleet.strategies.base import StrategyPlan, create
+    from tunefleet.strategies.base import StrategyPlan
+    from tunefleet.strategies.registry import create
 
     recipe = read_run_recipe(Path(run_dir))
     train = recipe.train
@@ -91,7 +92,7 @@ def train_and_save(strategy_name: str, run_dir: str) -> torch.Tensor:
 
 
 def write_run(run_dir: Path, model_dir: str, strategy: str, method: dict) -> None:
-    from tunefleet.launcher.config.recipe import Recipe
+    from tunefleet.launcher.config import Recipe
 
     recipe = Recipe.model_validate({
         "name": "peft-methods", "output_dir": str(run_dir), "model": {"path": model_dir}, "method": method,

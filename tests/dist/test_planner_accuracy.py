@@ -23,10 +23,10 @@ import transformers
 from tunefleet.launcher.model import modeling
 from tunefleet.launcher.plan.layout import strategy_plan
 from tunefleet.launcher.plan.memory_fit import plan_report
-from tunefleet.launcher.config.recipe import Recipe, recipe_from_dict
+from tunefleet.launcher.config import Recipe, recipe_from_dict
 from tunefleet.launcher.objectives.sft import token_loss_sum, train_step
 from tunefleet.launcher.training.throughput import held_bytes
-from tunefleet.strategies.base import create
+from tunefleet.strategies.registry import create
 
 from .harness import run_ranks
 

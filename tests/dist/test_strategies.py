@@ -134,8 +134,9 @@ def _held_bytes(strategy) -> int:
 def _build(run: Run, model_dir: str):
     """The strategy set up on the model loaded by path, as ``launcher/train.py`` does it."""
     from tunefleet.launcher.model.modeling import load_model, make_optimizer_factory, make_scheduler_factory, param_groups
-    from tunefleet.launcher.config.recipe import MethodConfig, ModelConfig, TrainConfig
-    from tunefleet.strategies.base import StrategyPlan, create
+    from tunefleet.launcher.config import MethodConfig, ModelConfig, TrainConfig
+    from tunefleet.strategies.base import StrategyPlan
+    from tunefleet.strategies.registry import create
 
     train = TrainConfig(max_steps=NUM_STEPS, micro_batch_size=run.micro, grad_accum_steps=run.accum,
                         lr=1e-3, weight_decay=0.01, warmup_steps=2, max_grad_norm=1.0)
@@ -269,7 +270,8 @@ def test_hsdp_replicates_across_nodes_and_shards_within(request):
     from torch.testing._internal.distributed.fake_pg import FakeStore
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    from tunefleet.strategies.base import StrategyPlan, create
+    from tunefleet.strategies.base import StrategyPlan
+    from tunefleet.strategies.registry import create
 
     plan = StrategyPlan(name="fsdp", world_size=4, num_nodes=2, workers_per_node=2, micro_batch_size=1,
                         grad_accum_steps=1, hsdp=True)

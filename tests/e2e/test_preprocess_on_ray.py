@@ -6,10 +6,11 @@ import json
 
 import pytest
 
-from tunefleet.launcher.config.recipe import DataConfig, DataSource
+from tunefleet.launcher.config import DataConfig, DataSource
 from tunefleet.launcher.data import batches, preprocess
 from tunefleet.launcher.errors import DataError
 from tunefleet.launcher.model.tiny import ensure_tiny_model
+from tunefleet.launcher.run import tokenize_task
 
 pytestmark = pytest.mark.e2e
 
@@ -35,10 +36,10 @@ def test_prepare_on_ray_tokenizes_in_a_task_once_and_raises_data_errors_here(ray
         raise AssertionError("tokenized in the driver process")
 
     monkeypatch.setattr(preprocess, "build_splits", on_the_driver)  # the Ray task's process is not patched
-    folder = preprocess.prepare_on_ray(cfg, model_dir, seed=0)
+    folder = tokenize_task.prepare_on_ray(cfg, model_dir, seed=0)
     assert batches.cache_meta(folder)["train_rows"] == 50
-    assert preprocess.prepare_on_ray(cfg, model_dir, seed=0) == folder  # cached: no second task
+    assert tokenize_task.prepare_on_ray(cfg, model_dir, seed=0) == folder  # cached: no second task
 
     rows.write_text('{"instruction": "Add 1 and 1.", "output": "2"}\n{"instruction": "Add 2 and 2."}\n')
     with pytest.raises(DataError, match=r"rows.jsonl:2: field `output` missing"):
-        preprocess.prepare_on_ray(cfg, model_dir, seed=0)
+        tokenize_task.prepare_on_ray(cfg, model_dir, seed=0)

@@ -13,7 +13,7 @@ import transformers
 
 from tests.conftest import tunefleet
 from tunefleet.launcher import collectives
-from tunefleet.launcher.config.recipe import TrainConfig
+from tunefleet.launcher.config import TrainConfig
 from tunefleet.launcher.data import batches, packing
 from tunefleet.launcher.model import attention, modeling
 from tunefleet.launcher.model.inputs import IGNORE_INDEX

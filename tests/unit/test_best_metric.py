@@ -12,7 +12,7 @@ import pytest
 import yaml
 
 from tests.conftest import REPO, tunefleet
-from tunefleet.launcher.config.recipe import MethodConfig, load_recipe
+from tunefleet.launcher.config import MethodConfig, load_recipe
 from tunefleet.launcher.errors import RecipeError, UserError
 from tunefleet.launcher.evaluation.best_metric import BestMetric
 from tunefleet.launcher.training import checkpoint
@@ -140,9 +140,11 @@ def test_direction_defaults_from_the_metric_name():
     recipe = load_recipe(CLASSIFY, ["data.eval.metric=eval_f1", "checkpoint.keep_best=true",
                                     "checkpoint.final_from=best", "data.eval.early_stopping_patience=3"])
     assert recipe.data.eval.direction == "max"
-    assert BestMetric.for_recipe(recipe) == BestMetric(metric="eval_f1", direction="max", patience=3)
+    tracked = BestMetric.for_run(recipe.data.eval, keep_best=recipe.checkpoint.keep_best)
+    assert tracked == BestMetric(metric="eval_f1", direction="max", patience=3)
     assert load_recipe(TINY).data.eval.direction == "min"
-    assert BestMetric.for_recipe(load_recipe(TINY)) is None
+    tiny = load_recipe(TINY)
+    assert BestMetric.for_run(tiny.data.eval, keep_best=tiny.checkpoint.keep_best) is None
     flipped = load_recipe(TINY, ["data.eval.metric_direction=max", "checkpoint.keep_best=true"])
     assert flipped.data.eval.direction == "max"
 
@@ -176,7 +178,7 @@ EVAL_DATA = str(REPO / "recipes" / "tiny" / "data" / "alpaca_eval.jsonl")
     ("adapter_mismatch", "holds a full model but the recipe says method.kind lora"),
 ])
 def test_eval_mistakes_name_the_fix_before_ray_starts(run_dir, tmp_path, case, expected):
-    from tunefleet.launcher.evaluation.evaluate import run_eval
+    from tunefleet.launcher.run.eval import run_eval
 
     target, data, metrics, overrides = run_dir, Path(EVAL_DATA), [], []
     if case == "missing_data":

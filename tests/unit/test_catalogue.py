@@ -8,8 +8,8 @@ import pytest
 import yaml
 
 from tests.conftest import REPO, tunefleet
+from tunefleet.launcher.config import load_recipe
 from tunefleet.launcher.config.catalogue import catalogue_recipes, entry, parse_name, read_header
-from tunefleet.launcher.config.recipe import load_recipe
 from tunefleet.launcher.errors import RecipeError
 from tunefleet.launcher.plan import layout as plan_module
 from tunefleet.launcher.plan.memory_fit import plan_report

@@ -55,3 +55,33 @@ def test_no_evaluation_after_step_0_leaves_after_empty(tmp_path):
         console.update([{"event": "start", "start_step": 0, "resumed_from": None}, _row(1, 1.0, 1.0)])
     summary = console.summary(tmp_path, wall_time_s=1.0)
     assert summary["eval_loss_before"] == 6.0 and summary["eval_loss_after"] is None
+
+
+def test_the_finish_event_carries_a_typed_outcome_that_survives_pickling(tmp_path):
+    import pickle
+
+    from tunefleet.launcher.training.metrics import Reporter
+    from tunefleet.launcher.training.outcome import Outcome, RunState
+
+    sent = []
+    reporter = Reporter(enabled=True, output_dir=str(tmp_path), queue=SimpleQueue(sent))
+    best = {"metric": "eval_loss", "direction": "min", "value": 2.5, "step": 4, "evals_without_improvement": 2}
+    reporter.finish(Outcome(RunState.STOPPED_EARLY, preflight={"nodes": ["a"]}, stopped_early_at=12,
+                            final_dir=str(tmp_path / "final"), final_step=4, best=best))
+    (event,) = [pickle.loads(pickle.dumps(message)) for message in sent]  # as the Ray queue carries it
+    assert event["outcome"].state is RunState.STOPPED_EARLY
+    console, out = _console()
+    with console.progress(24):
+        console.update([{"event": "start", "start_step": 0, "resumed_from": None}, _row(12, 1.0, 1.0), event])
+    summary = console.summary(tmp_path, wall_time_s=1.0)
+    assert summary["final_dir"] == str(tmp_path / "final")
+    assert (summary["stopped_early_at"], summary["best_step"], summary["final_from_step"]) == (12, 4, 4)
+    assert "stopped early at step 12 of 24" in out.getvalue()
+
+
+class SimpleQueue:
+    def __init__(self, sink: list):
+        self.sink = sink
+
+    def put_nowait(self, message) -> None:
+        self.sink.append(message)

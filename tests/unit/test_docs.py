@@ -104,8 +104,8 @@ def test_site_builds_strictly_with_generated_pages(tmp_path: Path):
                             cwd=ROOT, env=_env(), capture_output=True, text=True, timeout=900)
     assert result.returncode == 0, f"mkdocs build --strict failed:\n{result.stdout}\n{result.stderr[-6000:]}"
 
+    from tunefleet.launcher.config import Recipe
     from tunefleet.launcher.config.catalogue import recipe_name, shipped_recipes
-    from tunefleet.launcher.config.recipe import Recipe
 
     reference = (site / "reference" / "recipe.html").read_text()
     for key in _section_keys(Recipe):

@@ -12,7 +12,7 @@ import torch
 from transformers import AutoTokenizer
 
 from tests.conftest import REPO
-from tunefleet.launcher.config.recipe import load_recipe
+from tunefleet.launcher.config import load_recipe
 from tunefleet.launcher.data import batches, preprocess
 from tunefleet.launcher.model import modeling
 from tunefleet.launcher.objectives import dpo
@@ -71,7 +71,7 @@ def test_a_lora_reference_is_the_policy_with_adapters_disabled(prepared):
     recipe, model_path, train, _ = prepared
     lora = recipe.method.model_copy(update={"kind": "lora"})
     policy = modeling.load_model(recipe.model, lora, model_path)
-    assert dpo.load_reference(recipe.model_copy(update={"method": lora}), model_path, CPU) is None
+    assert dpo.load_reference(recipe.model, lora, model_path, CPU) is None
     strategy = LocalStrategy(policy, lr=1e-2)
     micro = batches.rank_micro_batches(train, 0, rank=0, world_size=1, micro_batch_size=4, grad_accum_steps=1,
                                       seed=0, pad_id=0)
@@ -87,7 +87,7 @@ def test_preference_accuracy_rises_on_the_shipped_pairs(prepared):
     recipe, model_path, train, evaluation = prepared
     torch.manual_seed(0)
     policy = modeling.load_model(recipe.model, recipe.method, model_path)
-    reference = dpo.load_reference(recipe, model_path, CPU)
+    reference = dpo.load_reference(recipe.model, recipe.method, model_path, CPU)
     strategy = LocalStrategy(policy, lr=3e-3)
     held_out = batches.eval_batches(evaluation, rank=0, world_size=1, batch_size=25, max_rows=100, pad_id=0)
     before = dpo.dpo_evaluate(strategy, reference, held_out, CPU, beta=recipe.method.beta)

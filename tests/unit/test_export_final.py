@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from tunefleet.launcher.config.recipe import RESOLVED_RECIPE, Recipe
+from tunefleet.launcher.config import RESOLVED_RECIPE, Recipe
 from tunefleet.launcher.errors import UserError
 from tunefleet.launcher.model import modeling
 from tunefleet.launcher.model.tiny import ensure_tiny_model

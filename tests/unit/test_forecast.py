@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from tests.conftest import REPO
-from tunefleet.launcher.config.recipe import load_recipe
+from tunefleet.launcher.config import load_recipe
 from tunefleet.launcher.run.forecast import forecast
 
 

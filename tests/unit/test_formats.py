@@ -12,7 +12,7 @@ import pytest
 from pydantic import ValidationError
 from transformers import AutoTokenizer
 
-from tunefleet.launcher.config.recipe import DataConfig, DataSource
+from tunefleet.launcher.config import DataConfig, DataSource
 from tunefleet.launcher.data import sources
 from tunefleet.launcher.data.preprocess import encode_source
 from tunefleet.launcher.errors import DataError

@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 
 from tests.conftest import REPO
-from tunefleet.launcher.config.recipe import load_recipe
+from tunefleet.launcher.config import load_recipe
 from tunefleet.launcher.data.batches import TokenizedSplit
 from tunefleet.launcher.errors import RecipeError
 from tunefleet.launcher.evaluation import generation

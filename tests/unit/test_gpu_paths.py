@@ -6,7 +6,7 @@ import pytest
 import torch
 import transformers
 
-from tunefleet.launcher.config.recipe import TrainConfig
+from tunefleet.launcher.config import TrainConfig
 from tunefleet.launcher.data import batches, packing
 from tunefleet.launcher.errors import RecipeError
 from tunefleet.launcher.model import attention, modeling
@@ -60,7 +60,7 @@ def test_compiled_layers_compute_the_eager_loss_on_packed_rows(model_dir, docume
 
 def test_compile_with_deepspeed_is_refused_naming_the_key(tmp_path):
     from tests.conftest import REPO
-    from tunefleet.launcher.config.recipe import load_recipe
+    from tunefleet.launcher.config import load_recipe
 
     recipe = load_recipe(REPO / "recipes" / "tiny" / "llama-full-ddp.yaml",
                          overrides=["parallelism.strategy=deepspeed_zero3", "parallelism.compile=true"])

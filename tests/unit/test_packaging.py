@@ -69,3 +69,166 @@ def test_the_launcher_issues_collectives_only_through_its_collectives_module():
                     and isinstance(node.func.value, ast.Name) and node.func.value.id == "dist"):
                 offenders.append(f"{path.relative_to(REPO)}:{node.lineno} dist.{node.func.attr}")
     assert not offenders, f"use tunefleet.launcher.collectives instead: {offenders}"
+
+
+# --------------------------------------------------------------------------- the floors of the house
+# Inside launcher/, sub-packages are floors; a module imports its own floor and the floors below it only.
+FLOORS = ("cli", "run", "training", "evaluation", "objectives", "plan", "data", "model", "config")
+LEVEL = {"cli": 0, "run": 1, "training": 2, "evaluation": 3, "objectives": 3, "plan": 4, "data": 5, "model": 6,
+         "config": 7}
+GROUND = {"tunefleet.launcher.errors", "tunefleet.launcher.collectives"}  # below every floor
+
+
+def _module_name(path) -> str:
+    parts = list(path.relative_to(REPO).with_suffix("").parts)
+    if parts[-1] == "__init__":
+        parts.pop()
+    return ".".join(["tunefleet", *parts])
+
+
+def _resolve(module: str, name: str) -> str:
+    """``from module import name``: the module imported, if ``name`` is a module itself."""
+    candidate = f"{module}.{name}"
+    path = REPO.joinpath(*candidate.split(".")[1:])
+    return candidate if path.with_suffix(".py").is_file() or path.is_dir() else module
+
+
+def import_graph() -> dict[str, list[tuple[str, int, str | None]]]:
+    """Every tunefleet module -> [(imported tunefleet module, line, imported name)], read with ast (not executed),
+    function-level (lazy) imports included; plus third-party top-level packages as ``ext:<name>``."""
+    import ast
+
+    graph = {}
+    for folder in ("launcher", "strategies", "cluster"):
+        for path in (REPO / folder).rglob("*.py"):
+            edges = []
+            for node in ast.walk(ast.parse(path.read_text())):
+                if isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
+                    for alias in node.names:
+                        if node.module.startswith("tunefleet"):
+                            edges.append((_resolve(node.module, alias.name), node.lineno, alias.name))
+                        else:
+                            edges.append((f"ext:{node.module.split('.')[0]}", node.lineno, alias.name))
+                elif isinstance(node, ast.Import):
+                    for alias in node.names:
+                        target = alias.name if alias.name.startswith("tunefleet") else f"ext:{alias.name.split('.')[0]}"
+                        edges.append((target, node.lineno, None))
+            graph[_module_name(path)] = edges
+    return graph
+
+
+def _floor(module: str) -> str | None:
+    parts = module.split(".")
+    return parts[2] if len(parts) > 2 and parts[1] == "launcher" and parts[2] in LEVEL else None
+
+
+def layering_violations(graph) -> list[str]:
+    found = []
+    for module, edges in graph.items():
+        floor = _floor(module)
+        for target, line, name in edges:
+            where = f"{module}:{line} imports {target}"
+            if name and name.startswith("_") and not name.startswith("__"):
+                found.append(f"{where}.{name}: a private name of another module")
+            if module.startswith("tunefleet.strategies") and (target == "ext:ray"
+                                                             or target.startswith("tunefleet.launcher")):
+                found.append(f"{where}: strategies/ knows nothing of Ray or the launcher")
+            if module.startswith("tunefleet.cluster") and (target == "ext:torch" or (
+                    target.startswith("tunefleet.launcher") and _floor(target) != "config"
+                    and target not in GROUND)):
+                found.append(f"{where}: cluster/ knows nothing of models, and of the launcher only the recipe")
+            target_floor = _floor(target)
+            if target_floor == "cli" and floor != "cli":
+                found.append(f"{where}: nothing imports the command line")
+            if floor and target_floor and LEVEL[target_floor] < LEVEL[floor]:
+                found.append(f"{where}: {floor}/ may not import {target_floor}/ (a floor above it)")
+            if floor in ("data", "config", "model", "plan", "objectives", "evaluation") and target == "ext:ray":
+                found.append(f"{where}: {floor}/ runs without Ray")
+            if floor == "config" and target.startswith("tunefleet") and _floor(target) != "config" \
+                    and target != "tunefleet.launcher.errors":
+                found.append(f"{where}: config/ imports nothing of tunefleet but errors")
+            if module in GROUND and target.startswith("tunefleet") and target not in GROUND:
+                found.append(f"{where}: the ground modules import no floor")
+    return sorted(set(found))
+
+
+def import_cycles(graph) -> list[list[str]]:
+    """Strongly connected components of more than one module (Tarjan)."""
+    index, low, stack, on_stack, cycles = {}, {}, [], set(), []
+
+    def visit(node: str) -> None:
+        index[node] = low[node] = len(index)
+        stack.append(node)
+        on_stack.add(node)
+        for target, _, _ in graph[node]:
+            if target not in graph:
+                continue
+            if target not in index:
+                visit(target)
+                low[node] = min(low[node], low[target])
+            elif target in on_stack:
+                low[node] = min(low[node], index[target])
+        if low[node] == index[node]:
+            component = []
+            while True:
+                member = stack.pop()
+                on_stack.discard(member)
+                component.append(member)
+                if member == node:
+                    break
+            if len(component) > 1:
+                cycles.append(sorted(component))
+
+    for node in graph:
+        if node not in index:
+            visit(node)
+    return cycles
+
+
+def private_attribute_uses() -> list[str]:
+    """``module._name`` where ``module`` is an imported tunefleet module: a private name used across modules."""
+    import ast
+
+    found = []
+    for folder in ("launcher", "strategies", "cluster"):
+        for path in (REPO / folder).rglob("*.py"):
+            tree = ast.parse(path.read_text())
+            modules = {alias.asname or alias.name for node in ast.walk(tree) if isinstance(node, ast.ImportFrom)
+                       and node.module and node.module.startswith("tunefleet") for alias in node.names
+                       if _resolve(node.module, alias.name) != node.module}
+            for node in ast.walk(tree):
+                if (isinstance(node, ast.Attribute) and isinstance(node.value, ast.Name) and node.value.id in modules
+                        and node.attr.startswith("_") and not node.attr.startswith("__")):
+                    found.append(f"{_module_name(path)}:{node.lineno} {node.value.id}.{node.attr}")
+    return found
+
+
+def test_every_floor_imports_only_floors_below_it():
+    assert set(LEVEL) == set(FLOORS)
+    assert all((REPO / "launcher" / floor / "__init__.py").is_file() for floor in FLOORS)
+    assert layering_violations(import_graph()) == []
+
+
+def test_no_import_circles():
+    assert import_cycles(import_graph()) == []
+
+
+def test_no_private_name_crosses_a_module():
+    assert private_attribute_uses() == []
+
+
+def test_the_layering_check_catches_a_forbidden_import():
+    """The checks above can fail: an upward import, a circle and a private import, planted in a copy of the graph."""
+    graph = import_graph()
+    planted = dict(graph)
+    planted["tunefleet.launcher.data.batches"] = [*graph["tunefleet.launcher.data.batches"],
+                                                  ("tunefleet.launcher.run.driver", 1, "launch"),
+                                                  ("ext:ray", 2, None)]
+    planted["tunefleet.launcher.model.inputs"] = [("tunefleet.launcher.model.tiny", 1, "_private_helper")]
+    planted["tunefleet.launcher.model.tiny"] = [*graph["tunefleet.launcher.model.tiny"],
+                                                ("tunefleet.launcher.model.inputs", 1, "IGNORE_INDEX")]
+    planted["tunefleet.strategies.ddp"] = [*graph["tunefleet.strategies.ddp"], ("ext:ray", 3, None)]
+    found = "\n".join(layering_violations(planted))
+    assert "data/ may not import run/" in found and "data/ runs without Ray" in found
+    assert "a private name of another module" in found and "strategies/ knows nothing of Ray" in found
+    assert ["tunefleet.launcher.model.inputs", "tunefleet.launcher.model.tiny"] in import_cycles(planted)

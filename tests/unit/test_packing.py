@@ -9,7 +9,7 @@ import torch.nn.functional as F
 import transformers
 
 from tests.conftest import REPO
-from tunefleet.launcher.config.recipe import DataConfig, DataSource
+from tunefleet.launcher.config import DataConfig, DataSource
 from tunefleet.launcher.data import batches, packing
 from tunefleet.launcher.data.preprocess import encode_source
 from tunefleet.launcher.model import attention

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from tunefleet.launcher.config.recipe import MethodConfig, ModelConfig, TrainConfig, UnfreezeStep
+from tunefleet.launcher.config import MethodConfig, ModelConfig, TrainConfig, UnfreezeStep
 from tunefleet.launcher.errors import RecipeError
 from tunefleet.launcher.model import modeling
 from tunefleet.launcher.model.param_groups import apply_unfreeze, matches
@@ -199,7 +199,7 @@ def test_new_peft_methods_are_allowed_where_they_were_checked(strategy, method):
 
 
 def test_the_planner_rejects_unknown_patterns_before_any_worker_starts():
-    from tunefleet.launcher.config.recipe import Recipe
+    from tunefleet.launcher.config import Recipe
     from tunefleet.launcher.plan.memory_fit import build_meta_model
 
     raw = {"name": "x", "output_dir": "/tmp/x", "model": {"path": "tiny:llama"}, "method": {"freeze": ["model.norm"]},

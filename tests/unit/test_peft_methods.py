@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from tunefleet.launcher.config.recipe import MethodConfig, ModelConfig, TrainConfig
+from tunefleet.launcher.config import MethodConfig, ModelConfig, TrainConfig
 from tunefleet.launcher.model import modeling
 
 NUM_STEPS = 3
@@ -70,7 +70,7 @@ def test_method_trains_and_its_adapter_reloads_with_peft(name, model_dir, tmp_pa
 
 
 def test_prompt_tuning_rejects_packing_and_dpo():
-    from tunefleet.launcher.config.recipe import Recipe
+    from tunefleet.launcher.config import Recipe
 
     raw = {"name": "x", "output_dir": "/tmp/x", "model": {"path": "tiny:llama"},
            "method": {"kind": "prompt_tuning"}, "train": {"max_steps": 2},

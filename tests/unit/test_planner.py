@@ -8,7 +8,8 @@ import pytest
 import transformers
 from rich.console import Console
 
-from tunefleet.launcher.config.recipe import Recipe, recipe_from_dict
+from tunefleet.launcher.cli import render
+from tunefleet.launcher.config import Recipe, recipe_from_dict
 from tunefleet.launcher.errors import RecipeError, UserError
 from tunefleet.launcher.plan import memory_fit
 from tunefleet.strategies import memory
@@ -247,7 +248,7 @@ def test_row_for_follows_the_recipes_offload_setting():
 # --------------------------------------------------------------------------- output
 def test_json_output_round_trips():
     recipe = gpu_recipe("meta-llama/Llama-3.1-8B")
-    text = memory_fit.plan_command_output(recipe, as_json=True)
+    text = render.plan_command_output(recipe, as_json=True)
     report = memory_fit.PlanReport.model_validate_json(text)
     assert report == memory_fit.plan_report(recipe)
     assert json.loads(text)["choice"] == report.choice
@@ -255,7 +256,7 @@ def test_json_output_round_trips():
 
 def test_table_output_shows_every_strategy_and_the_choice():
     console = Console(record=True, width=250)
-    console.print(memory_fit.plan_command_output(gpu_recipe("meta-llama/Llama-3.1-8B"), gpus_per_node=8))
+    console.print(render.plan_command_output(gpu_recipe("meta-llama/Llama-3.1-8B"), gpus_per_node=8))
     text = console.export_text()
     for name in memory_fit.STRATEGY_ORDER:
         assert name in text
@@ -266,3 +267,19 @@ def test_the_report_is_frozen():
     report = memory_fit.plan_report(make_recipe())
     with pytest.raises(Exception, match="frozen"):
         report.choice = "fsdp"
+
+
+def test_a_launch_plans_memory_once_and_the_report_travels_in_the_plan(monkeypatch):
+    """`strategy: auto` asks the planner while choosing; the launch reuses that report (host memory, run folder)."""
+    from tunefleet.launcher.plan import layout
+
+    calls = []
+    real = memory_fit.plan_report
+    monkeypatch.setattr(memory_fit, "plan_report", lambda recipe, **kw: calls.append(1) or real(recipe, **kw))
+    auto = make_recipe("tiny:llama", parallelism={"strategy": "auto"})
+    planned = layout.make_plan(auto)
+    assert planned.strategy.name == "ddp" and planned.memory is not None and len(calls) == 1
+    assert planned.memory_report(auto) is planned.memory and len(calls) == 1
+    fixed = layout.make_plan(make_recipe("tiny:llama", parallelism={"strategy": "ddp"}))
+    assert fixed.memory is None and len(calls) == 1  # a fixed strategy plans memory only when the launch needs it
+    assert fixed.memory_report(auto).choice == "ddp" and len(calls) == 2

@@ -13,7 +13,8 @@ from rich.console import Console
 from transformers import AutoTokenizer
 
 from tests.conftest import REPO
-from tunefleet.launcher.config.recipe import DataConfig, DataSource, load_recipe
+from tunefleet.launcher.cli import render
+from tunefleet.launcher.config import DataConfig, DataSource, load_recipe
 from tunefleet.launcher.data import batches, preprocess, tiny_data
 from tunefleet.launcher.errors import DataError
 from tunefleet.launcher.model.inputs import IGNORE_INDEX
@@ -158,15 +159,15 @@ def test_skipped_rows_are_summarised_the_first_20_then_the_count(tmp_path):
     assert report["skipped"] == 25 and report["train_rows"] == 10
     assert report["skipped_examples"] == [f"{path}:{n}: field `output` missing" for n in range(11, 31)]
     console = Console(file=io.StringIO(), width=300)
-    preprocess.render_report(report, console)
+    render.data_report(report, console)
     lines = console.file.getvalue().splitlines()
     start = lines.index("skipped 25 bad rows (data.on_bad_row: skip):")
     assert lines[start + 1:] == [f"  - {e}" for e in report["skipped_examples"]] + [
         "  ... and 5 more (25 bad rows in all)"]
     # the launch header lists the same
     launch = LaunchConsole(console=Console(file=io.StringIO(), width=300))
-    plan, reason = make_plan(recipe, "recipe.yaml")
-    launch.header(SimpleNamespace(recipe=recipe, strategy_plan=plan), reason, report)
+    planned = make_plan(recipe, "recipe.yaml")
+    launch.header(SimpleNamespace(recipe=recipe, strategy_plan=planned.strategy), planned.reason, report)
     header = launch.console.file.getvalue().splitlines()
     start = header.index("  skipped 25 bad rows (data.on_bad_row: skip):")
     assert header[start + 1:] == [f"    - {e}" for e in report["skipped_examples"]] + [
@@ -191,7 +192,7 @@ def test_preprocess_report_counts_and_renders(tmp_path):
     assert report["cache_dir"].startswith(str(tmp_path)) and not report["reused"]
     assert preprocess.preprocess_report(recipe)["reused"]
     console = Console(file=io.StringIO(), width=200)
-    preprocess.render_report(report, console)
+    render.data_report(report, console)
     assert "packing efficiency" in console.file.getvalue() and "chat_train.jsonl" in console.file.getvalue()
 
 

@@ -9,7 +9,7 @@ import pytest
 import yaml
 
 from tests.conftest import REPO
-from tunefleet.launcher.config.recipe import Recipe, load_recipe, read_yaml
+from tunefleet.launcher.config import Recipe, load_recipe, read_yaml
 from tunefleet.launcher.errors import RecipeError
 from tunefleet.launcher.run.driver import check_recipe
 
@@ -20,7 +20,8 @@ TINY = REPO / "recipes" / "tiny" / "llama-full-ddp.yaml"
 @pytest.mark.parametrize("path", SHIPPED, ids=[str(p.relative_to(REPO)) for p in SHIPPED])
 def test_every_shipped_recipe_validates_and_plans(path):
     recipe = load_recipe(path)
-    plan, reason = check_recipe(recipe, str(path))
+    planned = check_recipe(recipe, str(path))
+    plan, reason = planned.strategy, planned.reason
     assert plan.world_size == recipe.parallelism.world_size
     assert reason
 

@@ -21,7 +21,7 @@ from hypothesis.configuration import set_hypothesis_home_dir
 
 from tests.conftest import REPO
 from tunefleet.launcher.cli import app
-from tunefleet.launcher.config.recipe import load_recipe
+from tunefleet.launcher.config import load_recipe
 from tunefleet.launcher.errors import RecipeError
 
 # Hypothesis caches what it learns under ./.hypothesis even without a database: keep it with the other caches.

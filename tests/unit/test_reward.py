@@ -11,7 +11,7 @@ import torch
 
 from tests.conftest import REPO
 from tests.unit.test_steps import FixedLogits
-from tunefleet.launcher.config.recipe import load_recipe
+from tunefleet.launcher.config import load_recipe
 from tunefleet.launcher.errors import RecipeError
 from tunefleet.launcher.objectives import reward
 

@@ -26,11 +26,15 @@ def test_states_are_found_below_a_folder(tmp_path):
 
 def test_the_final_state_says_how_the_workers_ended():
     from tunefleet.launcher.run.driver import _final_state
+    from tunefleet.launcher.training.outcome import Outcome, RunState
 
-    assert _final_state({}) == "failed"  # rank 0 never sent its last words
-    assert _final_state({"preempted_at": 4}) == "preempted"
-    assert _final_state({"stopped_early_at": 12, "final_dir": "f"}) == "stopped early"
-    assert _final_state({"stopped_early_at": None, "final_dir": "f"}) == "finished"
+    assert _final_state(None) == "failed"  # rank 0 never sent its last words
+    assert _final_state(Outcome(RunState.PREEMPTED, preflight={}, preempted_at=4)) == "preempted"
+    assert _final_state(Outcome(RunState.STOPPED_EARLY, preflight={}, stopped_early_at=12, final_dir="f")) \
+        == "stopped early"
+    assert _final_state(Outcome(RunState.FINISHED, preflight={}, final_dir="f")) == "finished"
+    assert _final_state(Outcome(RunState.PREFLIGHT_FAILED, preflight={}, problems=("node a (rank 0): x",))) \
+        == "failed"
 
 
 def test_startup_breakdown_splits_the_time_to_the_first_step(tmp_path):

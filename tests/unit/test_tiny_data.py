@@ -9,7 +9,7 @@ import random
 import pytest
 
 from tests.conftest import REPO
-from tunefleet.launcher.config.recipe import load_recipe
+from tunefleet.launcher.config import load_recipe
 from tunefleet.launcher.data import preprocess, tiny_data
 from tunefleet.launcher.evaluation import generation
 from tunefleet.launcher.model import tiny

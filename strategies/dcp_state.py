@@ -1,4 +1,7 @@
-"""Helpers shared by strategies: DCP state save/load and activation checkpointing."""
+"""A strategy's state (model, optimizer, scheduler) saved and loaded with torch.distributed.checkpoint (DCP):
+each rank writes its own shard, and a load reshards to the current world size. Used by ddp and fsdp;
+DeepSpeed writes its own files.
+"""
 
 from __future__ import annotations
 
@@ -12,19 +15,6 @@ from torch.distributed.checkpoint.state_dict import (
     get_state_dict,
     set_state_dict,
 )
-
-
-def enable_activation_checkpointing(module: torch.nn.Module) -> None:
-    """Recompute each decoder layer's activations in backward (non-reentrant)."""
-    target = module
-    # A PeftModel forwards the call to the transformers model underneath.
-    if not hasattr(target, "gradient_checkpointing_enable") and hasattr(target, "get_base_model"):
-        target = target.get_base_model()
-    if not hasattr(target, "gradient_checkpointing_enable"):
-        raise TypeError(f"{type(module).__name__} does not support activation checkpointing")
-    target.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-    if hasattr(target, "config"):
-        target.config.use_cache = False
 
 
 def _app_state(model, optimizer, scheduler, options: StateDictOptions | None = None) -> dict:
@@ -84,3 +74,30 @@ def load_dcp(path: str, model, optimizer, scheduler) -> None:
     dcp.load(state, checkpoint_id=path)
     set_state_dict(model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optim"])
     scheduler.load_state_dict(state["scheduler"])
+
+
+class AsyncSave:
+    """Mixin for strategies whose state DCP writes (ddp, fsdp): checkpoints in the background.
+
+    ``save_async`` returns once the save has started; see ``BackgroundSaver``.
+    A strategy using it calls ``wait_staged()`` first thing in ``optimizer_step``.
+    """
+
+    _saver = None
+
+    def save_async(self, path: str, group):
+        """Collective on ``group``: start copying and writing the state; a future of the write."""
+        if self._saver is None:
+            self._saver = BackgroundSaver()
+        return self._saver.save(path, self.model, self.optimizer, self.scheduler, group)
+
+    def wait_staged(self) -> None:
+        """Block until the last background save has copied the state (a no-op without one)."""
+        if self._saver is not None:
+            self._saver.wait_staged()
+
+    def teardown(self) -> None:
+        if self._saver is not None:
+            self._saver.close()
+            self._saver = None
+        super().teardown()

@@ -1,0 +1,110 @@
+"""The `method` section: full fine-tuning or a peft adapter (LoRA, QLoRA, IA3, prefix or prompt tuning),
+and the objective it trains with (sft, dpo, reward)."""
+
+from __future__ import annotations
+
+from typing import Annotated, Any, Literal
+
+from pydantic import BeforeValidator, Field, model_validator
+
+from tunefleet.launcher.config.base import Section
+
+
+class LoraConfig(Section):
+    r: int = Field(16, ge=1, description="LoRA rank.")
+    alpha: float = Field(32.0, gt=0, description="LoRA scaling numerator (scale = alpha / r).")
+    dropout: float = Field(0.0, ge=0, lt=1, description="Dropout on the LoRA input.")
+    target_modules: list[str] | Literal["all-linear"] = Field(
+        "all-linear", description="Module name suffixes to adapt, or `all-linear`."
+    )
+    use_dora: bool = Field(
+        False, description="DoRA: learn each adapted weight's magnitude apart from its LoRA-updated direction."
+    )
+    use_rslora: bool = Field(
+        False, description="Rank-stabilized LoRA: scale the update by alpha / sqrt(r) instead of alpha / r."
+    )
+
+
+class IA3Config(Section):
+    target_modules: list[str] | None = Field(
+        None, description="Module name suffixes whose activations IA3 rescales; default peft's choice for "
+        "the architecture (llama: k_proj, v_proj, down_proj)."
+    )
+    feedforward_modules: list[str] | None = Field(
+        None, description="Which of `target_modules` are feed-forward layers (rescaled on their input, not "
+        "output); default peft's choice for the architecture (llama: down_proj)."
+    )
+
+    @model_validator(mode="after")
+    def _subset(self) -> IA3Config:
+        if (self.target_modules is None) != (self.feedforward_modules is None):
+            raise ValueError("method.ia3: set both target_modules and feedforward_modules, or neither")
+        if stray := sorted(set(self.feedforward_modules or ()) - set(self.target_modules or ())):
+            raise ValueError(f"method.ia3.feedforward_modules: {', '.join(stray)} not in target_modules; add them")
+        return self
+
+
+class VirtualTokensConfig(Section):
+    num: int = Field(20, ge=1, description="Learned virtual tokens (prefix_tuning: per layer key/value prefix).")
+    projection: bool = Field(
+        False, description="prefix_tuning only: learn the prefix through a two-layer MLP (reparametrization)."
+    )
+    init_text: str | None = Field(
+        None, description="prompt_tuning only: start the virtual tokens from this text's token embeddings "
+        "(repeated or cut to `num`); default random."
+    )
+
+
+PROMPT_LEARNING = ("prefix_tuning", "prompt_tuning")  # methods that add virtual tokens instead of weights
+ADAPTER_KINDS = ("lora", "qlora", "ia3", *PROMPT_LEARNING)  # everything saved as a peft adapter
+
+
+def _peft_kind(value: Any) -> Any:
+    if isinstance(value, str) and value.lower() in ("bottleneck", "adapter", "houlsby", "pfeiffer"):
+        raise ValueError(f"{value}: peft provides no bottleneck (Houlsby/Pfeiffer) adapters; use lora (the usual "
+                         "choice), ia3 (fewest parameters), prefix_tuning or prompt_tuning, or full")
+    return value
+
+
+class MethodConfig(Section):
+    kind: Annotated[
+        Literal["full", "lora", "qlora", "ia3", "prefix_tuning", "prompt_tuning"], BeforeValidator(_peft_kind)
+    ] = Field(
+        "full", description="Full fine-tuning, LoRA adapters, LoRA on a 4-bit (nf4) base, IA3 activation "
+        "scaling, prefix tuning (learned key/value prefixes in every layer) or prompt tuning (learned input "
+        "embeddings); all but full train a peft adapter on a frozen base."
+    )
+    lora: LoraConfig = Field(default_factory=LoraConfig, description="LoRA settings (lora and qlora).")
+    ia3: IA3Config = Field(default_factory=IA3Config, description="IA3 settings (kind ia3).")
+    virtual_tokens: VirtualTokensConfig = Field(
+        default_factory=VirtualTokensConfig, description="Prefix and prompt tuning settings."
+    )
+    freeze: list[str] = Field(
+        default_factory=list, description="kind full: module or parameter name patterns (fnmatch, e.g. "
+        "`model.embed_tokens` or `model.layers.[0-3].*`) kept frozen; each must match a parameter."
+    )
+    objective: Literal["sft", "dpo", "reward"] = Field(
+        "sft", description="`sft`: next-token loss on target tokens (or the classifier loss); "
+        "`dpo`: Direct Preference Optimization on `preference` data against a frozen reference "
+        "(LoRA: the base with adapters disabled; full: a frozen copy of the starting weights); "
+        "`reward`: a reward model on `preference` data, a one-score head (model.task sequence_classification, "
+        "model.num_labels 1) trained with the pairwise loss -log sigmoid(r_chosen - r_rejected)."
+    )
+    beta: float = Field(0.1, gt=0, description="DPO temperature: how far the policy may move from the reference.")
+
+    @model_validator(mode="after")
+    def _settings_used(self) -> MethodConfig:
+        if self.freeze and self.kind != "full":
+            raise ValueError(f"method.freeze: method.kind {self.kind} already freezes the whole base; "
+                             "remove it or use method.kind full")
+        tokens = self.virtual_tokens
+        if self.kind == "prompt_tuning" and tokens.projection:
+            raise ValueError("method.virtual_tokens.projection: only prefix_tuning reparametrizes; remove it")
+        if self.kind == "prefix_tuning" and tokens.init_text is not None:
+            raise ValueError("method.virtual_tokens.init_text: only prompt_tuning starts from text; remove it")
+        if self.kind in PROMPT_LEARNING and self.objective == "dpo":
+            # DPO's reference is the policy with adapters disabled; prompt tuning's logits then change
+            # length. Not built yet rather than silently misaligned.
+            raise ValueError(f"method.objective: dpo is not supported with method.kind {self.kind}; "
+                             "use lora or ia3")
+        return self

@@ -75,9 +75,9 @@ class TrainingSetup(_Frozen):
     """The numerics and batch shape a run trains with."""
 
     method: Method = Field(description="Full fine-tuning, LoRA on a 4-bit base (qlora), or another peft adapter.")
-    objective: Literal["sft", "dpo", "reward"] = Field(
-        description="DPO and reward models forward chosen and rejected rows together; DPO with full "
-        "fine-tuning also keeps a frozen reference copy of the starting weights on every rank."
+    objective: Literal["sft", "dpo", "reward", "grpo"] = Field(
+        description="DPO and reward models forward chosen and rejected rows together; DPO and GRPO with full "
+        "fine-tuning also keep a frozen reference copy of the starting weights on every rank."
     )
     world_size: int = Field(ge=1, description="Data-parallel ranks N that shard state.")
     weight_bytes: Literal[2, 4] = Field(description="Bytes per weight as loaded (model.dtype).")
@@ -196,7 +196,7 @@ def deepspeed_state(
 def activation_bytes(shape: ModelShape, setup: TrainingSetup) -> float:
     """Activations kept for backward at the peak (see the module docstring)."""
     s, h, c = setup.seq_len, shape.hidden_size, setup.compute_bytes
-    b = setup.micro_batch_size * (1 if setup.objective == "sft" else 2)  # pairs: chosen and rejected rows
+    b = setup.micro_batch_size * (2 if setup.objective in ("dpo", "reward") else 1)  # pairs: chosen and rejected
     per_token_factor = 34 + (5 * shape.num_heads * s / h if setup.eager_attention else 0)
     per_layer = s * b * h * per_token_factor * c / 2
     logits = s * b * shape.vocab_size * (c + 8) if setup.causal_lm else 0
@@ -245,7 +245,8 @@ def estimate(strategy: str, shape: ModelShape, setup: TrainingSetup, *, cpu_offl
         state, offloaded = deepspeed_state(shape, setup, stage=ZERO_STAGES[strategy], cpu_offload=cpu_offload)
     else:
         raise ValueError(f"no memory model for strategy {strategy!r}")
-    reference = shape.num_params * setup.weight_bytes if setup.objective == "dpo" and setup.method == "full" else 0
+    keeps_copy = setup.objective in ("dpo", "grpo") and setup.method == "full"  # the frozen reference
+    reference = shape.num_params * setup.weight_bytes if keeps_copy else 0
     return MemoryEstimate(
         strategy=strategy,
         cpu_offload=cpu_offload,

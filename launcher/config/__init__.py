@@ -9,7 +9,7 @@ from tunefleet.launcher.config.cluster import KubernetesConfig, SlurmConfig
 from tunefleet.launcher.config.data import CHAT_ROLES, FORMAT_FIELDS, DataConfig, DataSource, eval_metrics
 from tunefleet.launcher.config.loading import RESOLVED_RECIPE, apply_overrides, load_recipe, read_yaml, recipe_from_dict
 from tunefleet.launcher.config.logging import WandbConfig
-from tunefleet.launcher.config.method import ADAPTER_KINDS, MethodConfig
+from tunefleet.launcher.config.method import ADAPTER_KINDS, MethodConfig, RlConfig
 from tunefleet.launcher.config.model import ModelConfig
 from tunefleet.launcher.config.recipe import Recipe
 from tunefleet.launcher.config.train import TrainConfig, UnfreezeStep
@@ -27,6 +27,7 @@ __all__ = [
     "MethodConfig",
     "ModelConfig",
     "Recipe",
+    "RlConfig",
     "SlurmConfig",
     "TrainConfig",
     "UnfreezeStep",

@@ -9,7 +9,7 @@ from pydantic import Field, model_validator
 
 from tunefleet.launcher.config.base import LocalPath, Section
 
-DataFormat = Literal["alpaca", "chat", "completion", "text", "classification", "preference"]
+DataFormat = Literal["alpaca", "chat", "completion", "text", "classification", "preference", "prompt"]
 # The field names each format reads; `data.sources[].fields` renames them per source.
 FORMAT_FIELDS: dict[str, tuple[str, ...]] = {
     "alpaca": ("instruction", "input", "output"),
@@ -18,6 +18,7 @@ FORMAT_FIELDS: dict[str, tuple[str, ...]] = {
     "text": ("text",),
     "classification": ("text", "label"),
     "preference": ("prompt", "chosen", "rejected", "role", "content"),
+    "prompt": ("prompt", "answer", "role", "content"),  # online RL: a prompt and its reference answer
 }
 CHAT_ROLES = ("system", "user", "assistant")
 _HUB_ONLY = ("name", "split", "revision")
@@ -209,14 +210,14 @@ class DataConfig(Section):
         return self
 
     @property
-    def kind(self) -> Literal["sft", "classification", "preference"]:
+    def kind(self) -> Literal["sft", "classification", "preference", "prompt"]:
         """How the rows train: token targets, one class per row, or chosen/rejected pairs."""
         return _format_kind(self.sources[0].format)
 
     def objective_problems(self, *, task: str, objective: str, num_labels: int | None) -> list[str]:
         """Disagreements with `model.task` / `method.objective`, each starting with the key to change."""
-        if task == "sequence_classification" and objective == "dpo":
-            return ["method.objective: dpo trains causal language models; use sft"]
+        if task == "sequence_classification" and objective in ("dpo", "grpo"):
+            return [f"method.objective: {objective} trains causal language models; use sft"]
         if objective == "reward" and task != "sequence_classification":
             return ["model.task: method.objective reward trains a one-score head; set model.task: "
                     "sequence_classification and model.num_labels: 1"]
@@ -225,7 +226,7 @@ class DataConfig(Section):
         if task == "sequence_classification" and num_labels == 1 and objective != "reward":
             return ["model.num_labels: 1 is a reward model's single score; set method.objective: reward, "
                     "or 2 or more classes"]
-        needed = ("preference" if objective in ("dpo", "reward")
+        needed = ("preference" if objective in ("dpo", "reward") else "prompt" if objective == "grpo"
                   else "classification" if task == "sequence_classification" else "sft")
         problems = []
         if self.kind != needed:
@@ -249,9 +250,9 @@ class DataConfig(Section):
         problems = []
         generate, reference = (self.eval.generate, self.eval.reference_data) if self.eval else (None, None)
         if generate is not None:
-            formats = sorted({s.format for s in self.sources} - {"alpaca", "chat", "completion"})
+            formats = sorted({s.format for s in self.sources} - {"alpaca", "chat", "completion", "prompt"})
             if task != "causal_lm" or formats:
-                problems.append("data.eval.generate: needs a causal language model on alpaca/chat/completion "
+                problems.append("data.eval.generate: needs a causal language model on alpaca/chat/completion/prompt "
                                 f"rows (prompts with references), not {task} on {', '.join(formats) or 'these'} "
                                 "rows; remove it")
             elif self.train_on_prompt:
@@ -266,8 +267,9 @@ class DataConfig(Section):
         return problems
 
 
-_KIND_FORMATS = {"sft": "alpaca/chat/completion/text", "classification": "classification", "preference": "preference"}
+_KIND_FORMATS = {"sft": "alpaca/chat/completion/text", "classification": "classification",
+                 "preference": "preference", "prompt": "prompt"}
 
 
-def _format_kind(fmt: str) -> Literal["sft", "classification", "preference"]:
-    return fmt if fmt in ("classification", "preference") else "sft"
+def _format_kind(fmt: str) -> Literal["sft", "classification", "preference", "prompt"]:
+    return fmt if fmt in ("classification", "preference", "prompt") else "sft"

@@ -1,5 +1,5 @@
 """The `method` section: full fine-tuning or a peft adapter (LoRA, QLoRA, IA3, prefix or prompt tuning),
-and the objective it trains with (sft, dpo, reward)."""
+and the objective it trains with (sft, dpo, reward, grpo) with online RL's settings (`method.rl`)."""
 
 from __future__ import annotations
 
@@ -55,8 +55,70 @@ class VirtualTokensConfig(Section):
     )
 
 
+class RewardEntry(Section):
+    function: str = Field(
+        description="A built-in (`exact_match`, `contains`, `numeric_match` against the row's `answer`, "
+        "`length_penalty`) or your code as `package.module:function` taking (prompt, completion, row) -> float, "
+        "importable on every worker."
+    )
+    weight: float = Field(1.0, description="Its weight in the summed reward.")
+    options: dict[str, Any] = Field(
+        default_factory=dict, description="Keyword arguments for the function (e.g. `target_chars` of length_penalty)."
+    )
+    name: str | None = Field(None, description="How metrics name it; default the function's name.")
+
+
+def _reward_list(value: Any) -> Any:
+    """A single reward may be written as its function name."""
+    if isinstance(value, str):
+        value = [value]
+    if isinstance(value, list):
+        return [{"function": item} if isinstance(item, str) else item for item in value]
+    return value
+
+
+class RlConfig(Section):
+    """Online RL (method.objective grpo): sampled completions of each prompt, scored and compared in their group."""
+
+    group_size: int = Field(8, ge=2, description="Completions sampled per prompt; advantages compare them.")
+    max_new_tokens: int = Field(64, ge=1, description="Longest completion sampled.")
+    temperature: float = Field(1.0, gt=0, description="Sampling temperature of the rollouts.")
+    top_p: float = Field(1.0, gt=0, le=1, description="Nucleus sampling of the rollouts (1: off).")
+    kl_coef: float = Field(
+        0.04, ge=0, description="Weight of the per-token KL to the frozen reference (the starting weights; for "
+        "adapters the base with adapters disabled); 0 loads no reference."
+    )
+    kl_estimator: Literal["k1", "k3"] = Field("k3", description="Per-token KL estimate: k3 (never negative) or k1.")
+    clip_eps: float = Field(0.2, gt=0, lt=1, description="Clip range of the policy ratio, 1 - clip_eps below.")
+    clip_eps_high: float | None = Field(
+        None, gt=0, description="Upper clip of the ratio, 1 + clip_eps_high (DAPO raises it); default clip_eps."
+    )
+    epochs: int = Field(
+        1, ge=1, description="Optimizer updates on each batch of rollouts (the ratio moves from 1 after the first); "
+        "the learning-rate schedule counts train steps, not updates."
+    )
+    loss_average: Literal["token", "sequence"] = Field(
+        "token", description="token: the loss is the mean over every completion token of the global batch; "
+        "sequence: per completion first (original GRPO), so long and short completions weigh alike."
+    )
+    scale_rewards: bool = Field(
+        True, description="Divide each group's centred rewards by their std (GRPO); false: Dr. GRPO's unscaled."
+    )
+    reward: Annotated[list[RewardEntry], BeforeValidator(_reward_list)] = Field(
+        default_factory=lambda: [RewardEntry(function="exact_match")],
+        description="The rewards, summed with their weights; a name alone is a reward of weight 1.", min_length=1,
+    )
+
+
 PROMPT_LEARNING = ("prefix_tuning", "prompt_tuning")  # methods that add virtual tokens instead of weights
 ADAPTER_KINDS = ("lora", "qlora", "ia3", *PROMPT_LEARNING)  # everything saved as a peft adapter
+
+
+def _objective(value: Any) -> Any:
+    if isinstance(value, str) and value.lower() == "ppo":
+        raise ValueError("ppo (value head, GAE, reward-model scores) is not built yet; use grpo, which needs no "
+                         "value model, with a reward computed by code")
+    return value
 
 
 def _peft_kind(value: Any) -> Any:
@@ -83,13 +145,15 @@ class MethodConfig(Section):
         default_factory=list, description="kind full: module or parameter name patterns (fnmatch, e.g. "
         "`model.embed_tokens` or `model.layers.[0-3].*`) kept frozen; each must match a parameter."
     )
-    objective: Literal["sft", "dpo", "reward"] = Field(
+    objective: Annotated[Literal["sft", "dpo", "reward", "grpo"], BeforeValidator(_objective)] = Field(
         "sft", description="`sft`: next-token loss on target tokens (or the classifier loss); "
         "`dpo`: Direct Preference Optimization on `preference` data against a frozen reference "
         "(LoRA: the base with adapters disabled; full: a frozen copy of the starting weights); "
         "`reward`: a reward model on `preference` data, a one-score head (model.task sequence_classification, "
-        "model.num_labels 1) trained with the pairwise loss -log sigmoid(r_chosen - r_rejected)."
+        "model.num_labels 1) trained with the pairwise loss -log sigmoid(r_chosen - r_rejected); "
+        "`grpo`: online RL on `prompt` data, completions sampled by the policy and scored by `method.rl.reward`."
     )
+    rl: RlConfig = Field(default_factory=RlConfig, description="Online RL settings (method.objective grpo).")
     beta: float = Field(0.1, gt=0, description="DPO temperature: how far the policy may move from the reference.")
 
     @model_validator(mode="after")
@@ -102,9 +166,9 @@ class MethodConfig(Section):
             raise ValueError("method.virtual_tokens.projection: only prefix_tuning reparametrizes; remove it")
         if self.kind == "prefix_tuning" and tokens.init_text is not None:
             raise ValueError("method.virtual_tokens.init_text: only prompt_tuning starts from text; remove it")
-        if self.kind in PROMPT_LEARNING and self.objective == "dpo":
-            # DPO's reference is the policy with adapters disabled; prompt tuning's logits then change
+        if self.kind in PROMPT_LEARNING and self.objective in ("dpo", "grpo"):
+            # DPO's and GRPO's reference is the policy with adapters disabled; prompt tuning's logits then change
             # length. Not built yet rather than silently misaligned.
-            raise ValueError(f"method.objective: dpo is not supported with method.kind {self.kind}; "
+            raise ValueError(f"method.objective: {self.objective} is not supported with method.kind {self.kind}; "
                              "use lora or ia3")
         return self

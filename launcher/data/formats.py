@@ -3,7 +3,9 @@
 An sft example is a list of ``(text, is_target)`` segments whose concatenation
 is the whole training text; the prompt is not a target, the response is (for
 chat, every assistant turn). A classification example is ``(text, class id)``;
-a preference example is a prompt and two responses, each a segment list.
+a preference example is a prompt and two responses, each a segment list. A
+prompt example (online RL) is the prompt and its reference answer, the answer
+marked as the target.
 
 Chat rows are rendered with the tokenizer's chat template (or the built-in one
 named by ``data.chat_template``) one prefix at a time, so each turn's text is
@@ -156,6 +158,23 @@ class RowFormatter:
         text = self._text(row, "prompt", where)
         return Pair([(text, False)], *([(self._text(row, field, where) + self.eos, True)]
                                        for field in ("chosen", "rejected")))
+
+    def _prompt_row(self, row: dict, where: str) -> Segments:
+        """Online RL: the prompt (text, or chat turns rendered with the generation prompt) and its reference
+        answer, kept as the row's target so rollouts and evaluation recover both."""
+        prompt = row.get(self.names["prompt"])
+        if isinstance(prompt, list):
+            messages = self._messages(prompt, self.names["prompt"], where)
+            if messages[-1]["role"] == "assistant":
+                raise BadRow(f"{where}: field `{self.names['prompt']}` ends with an assistant turn; the policy "
+                             "writes that one")
+            text = self._render(messages, generation_prompt=True)
+        else:
+            text = self._text(row, "prompt", where)
+        answer = row.get(self.names["answer"])
+        if isinstance(answer, (int, float)) and not isinstance(answer, bool):
+            answer = str(answer)  # a numeric answer in JSON
+        return [(text, False), (self._text({self.names["answer"]: answer}, "answer", where), True)]
 
     def _chat_reply(self, prompt: list[dict], row: dict, field: str, where: str) -> Segments:
         """Prompt turns then the reply, rendered by the chat template; only the reply is a target."""

@@ -20,6 +20,9 @@ has learned the table rather than the strings. Every answer is one to three
 tokens of the tiny tokenizer, so the 4-layer tiny Llama reaches exact match
 within a couple hundred CPU steps.
 
+The same questions, in the alpaca prompt with the capital as the reference answer, are the
+``prompt`` rows of the GRPO recipe (``capitals/prompts_{train,eval}.jsonl``).
+
 Regenerate the committed files with
 ``python -m tunefleet.launcher.data.tiny_data recipes/tiny/data``.
 """
@@ -135,6 +138,9 @@ def file_contents(seed: int = 0) -> dict[str, str]:
     for split, questions in _CAPITAL_QUESTIONS.items():
         questions_asked = capital_rows(questions, capitals_rng)
         files[f"capitals/{split}.jsonl"] = "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in questions_asked)
+        prompts = [{"prompt": ALPACA_PROMPT.format(instruction=r["instruction"]), "answer": r["output"]}
+                   for r in questions_asked]
+        files[f"capitals/prompts_{split}.jsonl"] = "".join(json.dumps(p, ensure_ascii=False) + "\n" for p in prompts)
     return files
 
 

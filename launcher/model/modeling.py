@@ -156,9 +156,13 @@ def lr_multiplier(step: int, train: TrainConfig) -> float:
     return train.min_lr_ratio + (1.0 - train.min_lr_ratio) * shape
 
 
-def make_scheduler_factory(train: TrainConfig):
+def make_scheduler_factory(train: TrainConfig, updates_per_step: int = 1):
+    """The learning-rate schedule over train steps; with several optimizer updates per step (online RL's
+    `method.rl.epochs`) every update of a step gets that step's rate."""
+
     def make(optimizer: torch.optim.Optimizer) -> torch.optim.lr_scheduler.LRScheduler:
-        return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: lr_multiplier(step, train))
+        return torch.optim.lr_scheduler.LambdaLR(
+            optimizer, lambda update: lr_multiplier(update // updates_per_step, train))
 
     return make
 

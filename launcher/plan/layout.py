@@ -92,12 +92,16 @@ def make_plan(recipe: Recipe, source: str = "recipe", *, on_this_machine: bool =
         problems.append(Problem("parallelism.compile", f"{name} runs the model inside DeepSpeed's engine, which "
                                 "tunefleet does not compile; set parallelism.compile: false, or use strategy ddp or "
                                 "fsdp"))
-    if recipe.method.objective == "dpo" and recipe.method.kind == "full" and name == "deepspeed_zero3":
-        # Full-fine-tuning DPO keeps a frozen reference copy outside the engine; while ZeRO-3's config is
+    method = recipe.method
+    needs_copy = method.objective == "dpo" or (method.objective == "grpo" and method.rl.kl_coef > 0)
+    if needs_copy and method.kind == "full" and name == "deepspeed_zero3":
+        # Full fine-tuning keeps a frozen reference copy outside the engine; while ZeRO-3's config is
         # alive, transformers builds every model partitioned, which a module outside the engine cannot run.
-        problems.append(Problem("parallelism.strategy", "method.objective dpo with method.kind full needs an "
-                                "unsharded reference copy, which deepspeed_zero3 cannot build; use strategy fsdp "
-                                "or deepspeed_zero2, or method.kind lora (its reference is the base itself)"))
+        fix = "method.rl.kl_coef: 0 (no reference), " if method.objective == "grpo" else ""
+        problems.append(Problem("parallelism.strategy", f"method.objective {method.objective} with method.kind "
+                                "full needs an unsharded reference copy, which deepspeed_zero3 cannot build; use "
+                                f"strategy fsdp or deepspeed_zero2, {fix}or method.kind lora (its reference is the "
+                                "base itself)"))
     if problems:
         raise RecipeError(source, problems)
     return LaunchPlan(strategy_plan(recipe, name), reason, report)

@@ -23,6 +23,8 @@ from tunefleet.launcher.config import RESOLVED_RECIPE, Recipe
 from tunefleet.launcher.data import batches, sources
 from tunefleet.launcher.errors import PreflightError, Problem, RecipeError, TrainingFailed, UserError
 from tunefleet.launcher.model import modeling
+from tunefleet.launcher.objectives.rl_rewards import RewardError, check_rewards
+from tunefleet.launcher.objectives.select import reward_specs
 from tunefleet.launcher.plan.layout import LaunchPlan, make_plan, rebalance
 from tunefleet.launcher.run import folders, session, tokenize_task
 from tunefleet.launcher.run.console import LaunchConsole
@@ -40,7 +42,32 @@ def input_problems(recipe: Recipe) -> list[Problem]:
     model_problem = modeling.check_model_path(recipe.model) or modeling.check_tiny_spec(recipe.model)
     if model_problem:
         problems.append(Problem("model.path", model_problem))
-    return problems + sources.path_problems(recipe.data)
+    problems += sources.path_problems(recipe.data)
+    return problems or reward_problems(recipe)  # rewards read the data: only once the files are there
+
+
+def reward_problems(recipe: Recipe) -> list[Problem]:
+    """Online RL: every reward loads here and scores an empty completion of the first prompt row once, so
+    a missing module, a typo in a name or a reward that raises or returns no number fails before Ray starts."""
+    if recipe.method.objective != "grpo":
+        return []
+    source = recipe.data.sources[0]
+    row = {"prompt": "", "answer": ""}
+    if source.path is not None:
+        first = next((r for _, r in sources.read_source(source) if isinstance(r, dict)), {})
+        row = {name: _as_text(first.get(source.fields.get(name, name))) for name in row}
+    try:
+        check_rewards(reward_specs(recipe.method.rl), row, prompt=row["prompt"])
+    except RewardError as exc:
+        return [Problem("method.rl.reward", str(exc))]
+    return []
+
+
+def _as_text(value) -> str:
+    """A prompt or answer field as a reward sees it (chat turns: the last message's text)."""
+    if isinstance(value, list) and value and isinstance(value[-1], dict):
+        return str(value[-1].get("content", ""))
+    return "" if value is None else str(value)
 
 
 def check_recipe(recipe: Recipe, source: str, *, on_this_machine: bool = False) -> LaunchPlan:

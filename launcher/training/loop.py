@@ -132,7 +132,8 @@ class TrainLoop:
         self.strategy.setup(
             module,
             modeling.make_optimizer_factory(recipe.train),
-            modeling.make_scheduler_factory(recipe.train),
+            modeling.make_scheduler_factory(
+                recipe.train, updates_per_step=recipe.method.rl.epochs if recipe.method.objective == "grpo" else 1),
             modeling.param_groups(module, recipe.train),
         )
         self.startup["strategy_ready"] = time.time()
@@ -159,7 +160,10 @@ class TrainLoop:
         matched with references, the forgetting watch) and the objective's step and evaluation."""
         self.eval_inputs = open_eval_inputs(self.recipe.data.eval, self.job.data_dir, self.tokenizer, rank=self.rank,
                                             world_size=self.world_size, batch_size=self.plan.micro_batch_size)
-        self.objective = objective(self.recipe.model, self.recipe.method, self.job.model_path, self.device)
+        rl = self.recipe.method.rl
+        rows = self.plan.micro_batch_size * (rl.group_size if self.recipe.method.objective == "grpo" else 1)
+        self.objective = objective(self.recipe, self.job.model_path, self.device, strategy=self.strategy,
+                                   tokenizer=self.tokenizer, rows_per_micro_batch=rows)
 
     # ------------------------------------------------------------------------ resume
     def resume(self) -> None:
@@ -218,7 +222,7 @@ class TrainLoop:
         modeling.apply_unfreeze(self.strategy.unwrapped, step)  # train.unfreeze_schedule; no-op without one
         self.inject_fault(step, "step")
         started = time.perf_counter()
-        result = self.objective.step(self.strategy, micro_batches, self.device)
+        result = self.objective.step(self.strategy, micro_batches, self.device, step)
         step_time_s = time.perf_counter() - started
         self.tokens_seen += result.num_input_tokens
         done = step + 1

@@ -44,8 +44,14 @@ def test_wheel_contains_only_tunefleet_packages(tmp_path):
     names = zipfile.ZipFile(wheel).namelist()
     top = {name.split("/")[0] for name in names}
     assert top <= {"tunefleet", next(n for n in top if n.endswith(".dist-info"))}
-    for module in ("launcher/cli.py", "strategies/ddp.py", "cluster/__init__.py"):
-        assert f"tunefleet/{module}" in names
+    # Every source module and data file of the three folders ships: a sub-package missing from
+    # pyproject's explicit `packages` list would install a launcher that fails on import.
+    expected = {f"tunefleet/{path.relative_to(REPO).as_posix()}"
+                for folder in ("launcher", "strategies", "cluster") for path in (REPO / folder).rglob("*")
+                if path.is_file() and "__pycache__" not in path.parts
+                and (path.suffix == ".py" or path.parent.name in ("templates", "model_configs"))}
+    assert len(expected) > 50
+    assert sorted(expected - set(names)) == []
     entry_points = zipfile.ZipFile(wheel).read(next(n for n in names if n.endswith("entry_points.txt")))
     assert b"tunefleet = tunefleet.launcher.cli.app:main" in entry_points
 

@@ -107,7 +107,8 @@ class EvalSplit(Section):
     metric: str = Field(
         "eval_loss", description="The evaluation figure that decides the best checkpoint "
         "(`checkpoint.keep_best`) and early stopping, named as in metrics.jsonl: eval_loss; with a classifier "
-        "eval_accuracy, eval_f1; with dpo/reward eval_reward_accuracy, eval_reward_margin; with `generate` "
+        "eval_accuracy, eval_f1; with dpo/reward eval_reward_accuracy, eval_reward_margin; with grpo eval_reward; "
+        "with `generate` "
         "eval_exact_match, eval_contains_match; with `reference_data` reference_perplexity."
     )
     metric_direction: Literal["min", "max"] | None = Field(
@@ -148,7 +149,7 @@ class EvalSplit(Section):
 # Evaluation figures a best checkpoint or early stopping can follow, and which way is better.
 METRIC_DIRECTIONS: dict[str, Literal["min", "max"]] = {
     "eval_loss": "min", "eval_accuracy": "max", "eval_f1": "max", "eval_reward_accuracy": "max",
-    "eval_reward_margin": "max", "eval_exact_match": "max", "eval_contains_match": "max",
+    "eval_reward_margin": "max", "eval_exact_match": "max", "eval_contains_match": "max", "eval_reward": "max",
     "reference_perplexity": "min", "reference_perplexity_change": "min",
 }
 
@@ -158,6 +159,8 @@ def eval_metrics(*, task: str, objective: str, evaluation: EvalSplit | None) -> 
     names = ["eval_loss"]
     if objective in ("dpo", "reward"):
         names += ["eval_reward_accuracy", "eval_reward_margin"]
+    elif objective == "grpo":
+        names += ["eval_reward"]  # the recipe's reward of greedy completions
     elif task == "sequence_classification":
         names += ["eval_accuracy", "eval_f1"]
     if evaluation is not None and evaluation.generate is not None:

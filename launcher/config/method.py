@@ -7,7 +7,7 @@ from typing import Annotated, Any, Literal
 
 from pydantic import BeforeValidator, Field, model_validator
 
-from tunefleet.launcher.config.base import Section
+from tunefleet.launcher.config.base import LocalPath, Section
 
 
 class LoraConfig(Section):
@@ -56,16 +56,28 @@ class VirtualTokensConfig(Section):
 
 
 class RewardEntry(Section):
-    function: str = Field(
-        description="A built-in (`exact_match`, `contains`, `numeric_match` against the row's `answer`, "
+    function: str | None = Field(
+        None, description="A built-in (`exact_match`, `contains`, `numeric_match` against the row's `answer`, "
         "`length_penalty`) or your code as `package.module:function` taking (prompt, completion, row) -> float, "
         "importable on every worker."
+    )
+    model: LocalPath | None = Field(
+        None, description="Instead of `function`: a reward model's folder (the final/ of a `method.objective: "
+        "reward` run); it scores prompt + completion on every worker."
     )
     weight: float = Field(1.0, description="Its weight in the summed reward.")
     options: dict[str, Any] = Field(
         default_factory=dict, description="Keyword arguments for the function (e.g. `target_chars` of length_penalty)."
     )
-    name: str | None = Field(None, description="How metrics name it; default the function's name.")
+    name: str | None = Field(None, description="How metrics name it; default the function's name, or reward_model.")
+
+    @model_validator(mode="after")
+    def _one_source(self) -> RewardEntry:
+        if (self.function is None) == (self.model is None):
+            raise ValueError("give a reward either a `function` or a reward `model` folder, not both or neither")
+        if self.model is not None and self.options:
+            raise ValueError("options: a reward model takes none; remove them")
+        return self
 
 
 def _reward_list(value: Any) -> Any:

@@ -21,7 +21,9 @@ tokens of the tiny tokenizer, so the 4-layer tiny Llama reaches exact match
 within a couple hundred CPU steps.
 
 The same questions, in the alpaca prompt with the capital as the reference answer, are the
-``prompt`` rows of the GRPO recipe (``capitals/prompts_{train,eval}.jsonl``).
+``prompt`` rows of the GRPO recipe (``capitals/prompts_{train,eval}.jsonl``); the preference pairs' prompts
+with the chosen response as the answer are those of the RLHF recipe (``preference/prompts_{train,eval}.jsonl``),
+whose reward is the reward model trained on the pairs themselves.
 
 Regenerate the committed files with
 ``python -m tunefleet.launcher.data.tiny_data recipes/tiny/data``.
@@ -130,6 +132,8 @@ def file_contents(seed: int = 0) -> dict[str, str]:
         source = rows[f"alpaca_{split}"]
         pairs = preference_rows(source[:num_pairs], rng, capitals)
         files[f"preference/{split}.jsonl"] = "".join(json.dumps(p, ensure_ascii=False) + "\n" for p in pairs)
+        prompts = [{"prompt": p["prompt"], "answer": p["chosen"]} for p in pairs]
+        files[f"preference/prompts_{split}.jsonl"] = "".join(json.dumps(p, ensure_ascii=False) + "\n" for p in prompts)
         files[f"classification/{split}.csv"] = classification_csv(source[-num_classified:])
     sentiment = random.Random(seed + 1)
     for split, num_rows in _SENTIMENT_SIZES.items():

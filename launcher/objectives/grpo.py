@@ -28,6 +28,7 @@ from tunefleet.launcher.config import RlConfig
 from tunefleet.launcher.model import attention
 from tunefleet.launcher.model.inputs import IGNORE_INDEX
 from tunefleet.launcher.objectives import policy_gradient as pg
+from tunefleet.launcher.objectives import sft
 from tunefleet.launcher.objectives.rl_rewards import WeightedRewards
 from tunefleet.launcher.objectives.rollout import Rollout, rollout_seed
 from tunefleet.launcher.objectives.step import Batch, StepResult, accumulate
@@ -50,11 +51,12 @@ class PromptBatch:
 
     prompt_ids: list[list[int]]
     rows: list[Row]
+    real: list[bool]  # False: a padding row that keeps ranks in step (evaluation)
 
 
 def prompts_of(micro_batches: list[Batch], tokenizer) -> PromptBatch:
     """The prompt (non-target tokens before the answer) and answer text of every collated prompt row."""
-    prompt_ids, rows = [], []
+    prompt_ids, rows, real = [], [], []
     for batch in micro_batches:
         for ids, labels, mask in zip(batch["input_ids"], batch["labels"], batch["attention_mask"], strict=True):
             ids, labels = ids[mask.bool()].tolist(), labels[mask.bool()].tolist()
@@ -63,7 +65,8 @@ def prompts_of(micro_batches: list[Batch], tokenizer) -> PromptBatch:
             prompt_ids.append(prompt)
             rows.append({"prompt": tokenizer.decode(prompt, skip_special_tokens=True),
                          "answer": tokenizer.decode(answer, skip_special_tokens=True)})
-    return PromptBatch(prompt_ids, rows)
+            real.append(bool(answer))
+    return PromptBatch(prompt_ids, rows, real)
 
 
 def training_rows(prompt_ids: list[list[int]], completions: list[list[int]], advantages: torch.Tensor, *,
@@ -128,6 +131,29 @@ class Grpo:
         optimize_s = time.perf_counter() - started
         return self.result(collectives.all_reduce(totals).tolist(), scores, grouped, rows, global_units,
                            grad_norm=grad_norm, rollout_s=rollout_s, optimize_s=optimize_s, device=device)
+
+    def evaluate(self, strategy: Strategy, batches: list[Batch], device: torch.device) -> dict[str, float]:
+        """Collective: the mean reward of greedy completions of every rank's eval prompts (each reward's too),
+        beside the loss of the reference answers. One ``generate`` per eval batch, the same count on every rank."""
+        figures = {"eval_loss": sft.evaluate(strategy, batches, device)}
+        texts, prompts = [], PromptBatch([], [], [])
+        for batch in batches:
+            mine = prompts_of([batch], self.tokenizer)
+            texts += self.tokenizer.batch_decode(self.rollout.greedy(mine.prompt_ids), skip_special_tokens=True)
+            prompts = PromptBatch(prompts.prompt_ids + mine.prompt_ids, prompts.rows + mine.rows,
+                                  prompts.real + mine.real)
+        counted = [i for i, real in enumerate(prompts.real) if real]
+        scores = self.rewards.score([prompts.rows[i]["prompt"] for i in counted], [texts[i] for i in counted],
+                                    [prompts.rows[i] for i in counted])
+        names = list(scores.per_reward)
+        local = [len(counted), sum(scores.total), *(sum(scores.per_reward[name]) for name in names)]
+        count, total, *per_reward = collectives.all_reduce(torch.tensor(local, dtype=torch.float64,
+                                                                        device=device)).tolist()
+        figures["eval_reward"] = total / max(count, 1.0)
+        if len(names) > 1:
+            figures |= {f"eval_reward_{metric_name(n)}": v / max(count, 1.0)
+                        for n, v in zip(names, per_reward, strict=True)}
+        return figures
 
     @torch.no_grad()
     def add_fixed_log_probs(self, strategy: Strategy, batches: list[Batch], device: torch.device) -> None:

@@ -194,15 +194,79 @@ def load_reward(spec: str, options: Mapping[str, Any] | None = None, *, name: st
     return FunctionReward(name=name or spec, function=function, options=options)
 
 
+# --------------------------------------------------------------------------- reward models
+MODEL_REWARD_NAME = "reward_model"
+
+
+def reward_model_problem(path: str) -> str | None:
+    """Why the folder at ``path`` is not a reward model (``method.objective: reward``'s export), or None.
+    Reads its config only, so the driver can check it without loading weights."""
+    import json
+    from pathlib import Path
+
+    config = Path(path) / "config.json"
+    if not config.is_file():
+        return f"{path} holds no model (no config.json); point it at the final/ folder of a reward-model run"
+    settings = json.loads(config.read_text())
+    architectures = settings.get("architectures") or []
+    num_labels = len(settings.get("id2label") or {}) or settings.get("num_labels")
+    if not any(name.endswith("ForSequenceClassification") for name in architectures) or num_labels != 1:
+        return (f"{path} is not a reward model (architectures {architectures}, {num_labels} labels); train one with "
+                "method.objective: reward (model.task sequence_classification, model.num_labels 1)")
+    return None
+
+
+class ModelReward:
+    """The score a reward model (a folder trained with ``method.objective: reward``) gives each prompt +
+    completion, tokenized as that training tokenized its rows: beginning of text, the prompt, then the
+    completion with the end of text."""
+
+    def __init__(self, path: str, *, device, name: str = MODEL_REWARD_NAME, batch_size: int = 16):
+        import torch
+        import transformers
+
+        self.name, self.device, self.batch_size = name, device, batch_size
+        self.tokenizer = transformers.AutoTokenizer.from_pretrained(path)
+        model = transformers.AutoModelForSequenceClassification.from_pretrained(path)
+        self.model = model.to(device).eval().requires_grad_(False)
+        self.torch = torch
+
+    def encode(self, prompt: str, completion: str) -> list[int]:
+        tokenizer = self.tokenizer
+        head = [tokenizer.bos_token_id] if tokenizer.bos_token_id is not None else []
+        pieces = tokenizer([prompt, completion + (tokenizer.eos_token or "")], add_special_tokens=False)["input_ids"]
+        return head + pieces[0] + pieces[1]
+
+    def __call__(self, prompts: Sequence[str], completions: Sequence[str],
+                 rows: Sequence[Mapping[str, Any]]) -> list[float]:
+        torch, pad = self.torch, self.tokenizer.pad_token_id
+        encoded = [self.encode(p, c) for p, c in zip(prompts, completions, strict=True)]
+        scores: list[float] = []
+        with torch.no_grad():
+            for start in range(0, len(encoded), self.batch_size):
+                chunk = encoded[start:start + self.batch_size]
+                width = max(len(ids) for ids in chunk)
+                input_ids = torch.full((len(chunk), width), pad, dtype=torch.long)
+                mask = torch.zeros_like(input_ids)
+                for i, ids in enumerate(chunk):
+                    input_ids[i, :len(ids)], mask[i, :len(ids)] = torch.tensor(ids), 1
+                logits = self.model(input_ids=input_ids.to(self.device), attention_mask=mask.to(self.device)).logits
+                scores += logits[:, 0].float().tolist()
+        return [checked_score(self.name, value, index, row)
+                for index, (value, row) in enumerate(zip(scores, rows, strict=True))]
+
+
 # --------------------------------------------------------------------------- weighted sums
 @dataclass(frozen=True)
 class RewardSpec:
-    """One reward of a recipe: what to load, its weight in the total, its options and display name."""
+    """One reward of a recipe: what to load, its weight in the total, its options and display name.
+    ``model`` (a reward-model folder) replaces ``function``."""
 
-    function: str  # a built-in name or "package.module:function"
+    function: str | None = None  # a built-in name or "package.module:function"
     weight: float = 1.0
     options: Mapping[str, Any] = dataclasses.field(default_factory=dict)
     name: str | None = None
+    model: str | None = None
 
 
 class RewardScores(NamedTuple):
@@ -228,9 +292,13 @@ class WeightedRewards:
             raise RewardError(f"need one finite weight per reward, got {list(self.weights)} for {names}")
 
     @classmethod
-    def from_specs(cls, specs: Sequence[RewardSpec | str]) -> WeightedRewards:
+    def from_specs(cls, specs: Sequence[RewardSpec | str], *, device=None) -> WeightedRewards:
+        """Load every reward; reward models go to ``device`` (default: CPU)."""
         specs = [RewardSpec(spec) if isinstance(spec, str) else spec for spec in specs]
-        rewards = tuple(load_reward(spec.function, spec.options, name=spec.name) for spec in specs)
+        rewards = tuple(
+            ModelReward(spec.model, device=device or "cpu", name=spec.name or MODEL_REWARD_NAME) if spec.model
+            else load_reward(spec.function, spec.options, name=spec.name) for spec in specs
+        )
         return cls(rewards=rewards, weights=tuple(spec.weight for spec in specs))
 
     def score(self, prompts: Sequence[str], completions: Sequence[str],
@@ -243,10 +311,13 @@ class WeightedRewards:
         return RewardScores(total=total, per_reward=per_reward)
 
 
-def check_rewards(specs: Sequence[RewardSpec | str], sample_row: Mapping[str, Any], *,
-                  prompt: str = "") -> WeightedRewards:
+def check_rewards(specs: Sequence[RewardSpec | str], sample_row: Mapping[str, Any], *, prompt: str = "") -> None:
     """Preflight: load every reward and score an empty completion of ``sample_row`` once, so a reward
     that cannot be imported, called or returns a non-number fails before any training starts."""
-    rewards = WeightedRewards.from_specs(specs)
-    rewards.score([prompt], [""], [sample_row])
-    return rewards
+    specs = [RewardSpec(spec) if isinstance(spec, str) else spec for spec in specs]
+    for spec in specs:
+        if spec.model and (problem := reward_model_problem(spec.model)):
+            raise RewardError(f"reward model {problem}")
+    functions = [spec for spec in specs if not spec.model]  # a model's weights load on the workers only
+    if functions:
+        WeightedRewards.from_specs(functions).score([prompt], [""], [sample_row])

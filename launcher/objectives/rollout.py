@@ -65,22 +65,29 @@ class ColocatedRollout:
         self.sampling = {"max_new_tokens": max_new_tokens, "do_sample": True, "temperature": temperature,
                          "top_p": top_p, "top_k": 0, "num_beams": 1}
 
-    @torch.no_grad()
     def sample(self, prompts: Sequence[Sequence[int]], *, num_samples: int, seed: int) -> list[list[int]]:
+        repeated = [prompt for prompt in prompts for _ in range(num_samples)]
+        with seeded(seed, self.device):
+            return self.generate(repeated, self.sampling)
+
+    def greedy(self, prompts: Sequence[Sequence[int]]) -> list[list[int]]:
+        """Greedy completions (evaluation), ``batch_size`` at a time: ranks with as many prompts decode in step."""
+        return self.generate(prompts, {**self.sampling, "do_sample": False, "temperature": None, "top_p": None,
+                                       "top_k": None})
+
+    @torch.no_grad()
+    def generate(self, prompts: Sequence[Sequence[int]], settings: dict) -> list[list[int]]:
         model = self.strategy.unwrapped
         was_training = model.training
         model.eval()
-        repeated = [prompt for prompt in prompts for _ in range(num_samples)]
         synced = dist.is_initialized() and dist.get_world_size() > 1
         pad_id, eos_id = self.tokenizer.pad_token_id, self.tokenizer.eos_token_id
         completions = []
-        with seeded(seed, self.device):
-            for start in range(0, len(repeated), self.batch_size):
-                batch = {k: v.to(self.device) for k, v in left_padded(repeated[start:start + self.batch_size],
-                                                                       pad_id).items()}
-                tokens = model.generate(**batch, **self.sampling, synced_gpus=synced, pad_token_id=pad_id,
-                                        eos_token_id=eos_id)
-                completions += [cut_at_end(row, eos_id) for row in tokens[:, batch["input_ids"].shape[1]:].tolist()]
+        for start in range(0, len(prompts), self.batch_size):
+            batch = {k: v.to(self.device) for k, v in left_padded(prompts[start:start + self.batch_size],
+                                                                   pad_id).items()}
+            tokens = model.generate(**batch, **settings, synced_gpus=synced, pad_token_id=pad_id, eos_token_id=eos_id)
+            completions += [cut_at_end(row, eos_id) for row in tokens[:, batch["input_ids"].shape[1]:].tolist()]
         model.train(was_training)
         return completions
 

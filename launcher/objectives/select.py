@@ -31,7 +31,7 @@ def objective(recipe: Recipe, model_path: str, device: torch.device, *, strategy
     """The token loss; the classifier loss with accuracy and macro F1; a reward model's pairwise loss with
     reward accuracy; DPO against a frozen reference (LoRA: the policy with adapters disabled; full: a copy
     of the starting weights from ``model_path``); or GRPO with colocated rollouts and the recipe's rewards
-    (evaluated like SFT: the loss of the reference answers)."""
+    (evaluated by the reward of greedy completions and the loss of the reference answers)."""
     model, method = recipe.model, recipe.method
     if method.objective == "reward":
         return Objective(_stepless(reward.reward_step), reward.reward_evaluate)
@@ -44,7 +44,7 @@ def objective(recipe: Recipe, model_path: str, device: torch.device, *, strategy
         grpo_objective = make_grpo(recipe, model_path, device, strategy=strategy, tokenizer=tokenizer,
                                    rows_per_micro_batch=rows_per_micro_batch)
         return Objective(lambda strategy, batches, device, step: grpo_objective.step(strategy, batches, device,
-                                                                                    step=step), token_loss)
+                                                                                    step=step), grpo_objective.evaluate)
     if method.objective != "dpo":
         return Objective(_stepless(sft.train_step), token_loss)
     reference, beta = dpo.load_reference(model, method, model_path, device), method.beta
@@ -62,12 +62,13 @@ def make_grpo(recipe: Recipe, model_path: str, device: torch.device, *, strategy
     rollout = ColocatedRollout(strategy, tokenizer, max_new_tokens=rl.max_new_tokens, temperature=rl.temperature,
                                top_p=rl.top_p, batch_size=rows_per_micro_batch, device=device)
     reference = dpo.load_reference(recipe.model, recipe.method, model_path, device) if rl.kl_coef else None
-    return grpo.Grpo(rl, WeightedRewards.from_specs(reward_specs(rl)), rollout, tokenizer, reference=reference,
+    rewards = WeightedRewards.from_specs(reward_specs(rl), device=device)
+    return grpo.Grpo(rl, rewards, rollout, tokenizer, reference=reference,
                      seed=recipe.train.seed, rows_per_micro_batch=rows_per_micro_batch)
 
 
 def reward_specs(rl: RlConfig) -> list[RewardSpec]:
-    return [RewardSpec(entry.function, entry.weight, entry.options, entry.name) for entry in rl.reward]
+    return [RewardSpec(entry.function, entry.weight, entry.options, entry.name, entry.model) for entry in rl.reward]
 
 
 def _stepless(step_fn: Callable[[Strategy, list[Batch], torch.device], StepResult]) -> StepFn:

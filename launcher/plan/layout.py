@@ -102,6 +102,10 @@ def make_plan(recipe: Recipe, source: str = "recipe", *, on_this_machine: bool =
                                 "full needs an unsharded reference copy, which deepspeed_zero3 cannot build; use "
                                 f"strategy fsdp or deepspeed_zero2, {fix}or method.kind lora (its reference is the "
                                 "base itself)"))
+    if method.objective == "grpo" and name == "deepspeed_zero3" and any(r.model for r in method.rl.reward):
+        problems.append(Problem("parallelism.strategy", "method.rl.reward: a reward model runs beside the policy, "
+                                "unsharded, which deepspeed_zero3 cannot build while its config is alive; use "
+                                "strategy fsdp or deepspeed_zero2"))
     if problems:
         raise RecipeError(source, problems)
     return LaunchPlan(strategy_plan(recipe, name), reason, report)

@@ -19,8 +19,8 @@ from tunefleet.launcher.data.preprocess import skipped_lines
 from tunefleet.launcher.training.outcome import Outcome
 
 # Evaluation figures beyond the loss that the summary shows before and after training.
-TASK_METRICS = ("eval_accuracy", "eval_f1", "eval_reward_accuracy", "eval_exact_match", "eval_contains_match",
-                "reference_perplexity")
+TASK_METRICS = ("eval_accuracy", "eval_f1", "eval_reward_accuracy", "eval_reward", "eval_exact_match",
+                "eval_contains_match", "reference_perplexity")
 
 
 class LaunchConsole:

@@ -167,3 +167,66 @@ def test_sampling_is_a_function_of_the_seed_only():
     assert rollout.sample([[5, 6], [9]], num_samples=3, seed=rollout_seed(0, 4, 1)) == first
     assert rollout.sample([[5, 6], [9]], num_samples=3, seed=rollout_seed(0, 5, 1)) != first
     assert len(first) == 6 and all(1 <= len(c) <= 5 and EOS not in c[:-1] for c in first)
+
+
+class GreedyFixedRollout(FixedRollout):
+    def greedy(self, prompts):
+        return [[7, EOS] if i % 2 == 0 else [8, EOS] for i in range(len(prompts))]
+
+
+def test_evaluation_scores_greedy_completions_of_real_rows_only():
+    rewards = WeightedRewards.from_specs([RewardSpec(f"{__name__}:says_seven")])
+    objective = grpo.Grpo(RlConfig(group_size=2, kl_coef=0.0), rewards, GreedyFixedRollout(), Ids(), reference=None,
+                          seed=0, rows_per_micro_batch=2)
+    padding_row = {"input_ids": torch.tensor([[PAD]]), "labels": torch.tensor([[IGNORE_INDEX]]),
+                   "attention_mask": torch.tensor([[1]])}  # what collate gives a rank with no rows left
+    batches = [prompt_batch([([5, 6], [7]), ([9], [8])]), prompt_batch([([4], [7])]), padding_row]
+    figures = objective.evaluate(Plain(tiny_policy(), lr=0.0), batches, torch.device("cpu"))
+    # greedy: row 0 -> "7", row 1 -> "8", row 2 -> "7" (each batch restarts), the padding row is not counted
+    assert figures["eval_reward"] == pytest.approx(2 / 3)
+    assert figures["eval_loss"] > 0
+
+
+def test_lora_reference_is_the_base_with_adapters_disabled():
+    """At the start a LoRA policy equals its base (B = 0), so the KL to the reference is exactly 0."""
+    import peft
+
+    model = peft.get_peft_model(tiny_policy(), peft.LoraConfig(r=4, target_modules=["q_proj", "v_proj"]))
+    rewards = WeightedRewards.from_specs([RewardSpec(f"{__name__}:says_seven")])
+    objective = grpo.Grpo(RlConfig(group_size=4, kl_coef=0.1), rewards, FixedRollout(), Ids(), reference=None,
+                          seed=0, rows_per_micro_batch=4)
+    strategy = Plain(model, lr=0.5)
+    first = objective.step(strategy, [prompt_batch([([5, 6], [7])])], torch.device("cpu"), step=0)
+    assert first.metrics()["kl"] == 0.0
+    second = objective.step(strategy, [prompt_batch([([5, 6], [7])])], torch.device("cpu"), step=1)
+    assert second.metrics()["kl"] > 0  # the adapters moved; the reference did not
+
+
+def test_a_reward_model_scores_prompt_and_completion(tmp_path):
+    from transformers import LlamaConfig, LlamaForSequenceClassification
+
+    from tunefleet.launcher.model.tiny import build_tokenizer
+    from tunefleet.launcher.objectives.rl_rewards import ModelReward, check_rewards, reward_model_problem
+
+    tokenizer = build_tokenizer(["the capital of Veloria is Marenth"] * 4, vocab_size=300)
+    config = LlamaConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2,
+                         num_key_value_heads=1, vocab_size=len(tokenizer), num_labels=1,
+                         pad_token_id=tokenizer.pad_token_id)
+    torch.manual_seed(0)
+    LlamaForSequenceClassification(config).save_pretrained(tmp_path / "rm")
+    tokenizer.save_pretrained(tmp_path / "rm")
+    assert reward_model_problem(str(tmp_path / "rm")) is None
+    reward = ModelReward(str(tmp_path / "rm"), device="cpu", batch_size=2)
+    rows = [{"prompt": "q", "answer": "a"}] * 3
+    scores = reward(["the capital ", "the capital ", "of "], ["Marenth", "Veloria", "is"], rows)
+    assert len(scores) == 3 and len(set(scores)) == 3
+    # batched as scored one at a time (right padding does not change a score)
+    assert scores[2] == pytest.approx(reward(["of "], ["is"], rows[:1])[0], abs=1e-5)
+    check_rewards([RewardSpec(model=str(tmp_path / "rm"))], rows[0])  # a reward model passes the driver's check
+
+    LlamaForSequenceClassification(config.__class__(**{**config.to_dict(), "num_labels": 3})).save_pretrained(
+        tmp_path / "classifier")
+    assert "is not a reward model" in reward_model_problem(str(tmp_path / "classifier"))
+    assert "no config.json" in reward_model_problem(str(tmp_path / "missing"))
+    with pytest.raises(RewardError, match="reward model .*classifier is not a reward model"):
+        check_rewards([RewardSpec(model=str(tmp_path / "classifier"))], rows[0])

@@ -201,7 +201,8 @@ def test_shipped_preference_and_classification_sets_regenerate_byte_for_byte(tmp
     assert {p.relative_to(tmp_path).as_posix() for p in written} == {
         "preference/train.jsonl", "preference/eval.jsonl", "classification/train.csv", "classification/eval.csv",
         "sentiment/train.csv", "sentiment/eval.csv", "capitals/train.jsonl", "capitals/eval.jsonl",
-        "capitals/prompts_train.jsonl", "capitals/prompts_eval.jsonl"}
+        "capitals/prompts_train.jsonl", "capitals/prompts_eval.jsonl", "preference/prompts_train.jsonl",
+        "preference/prompts_eval.jsonl"}
     for path in written:
         shipped = TINY_DATA / path.relative_to(tmp_path)
         assert path.read_bytes() == shipped.read_bytes(), f"regenerate {shipped}"

@@ -213,3 +213,46 @@ def test_a_nul_byte_is_malformed_yaml(tmp_path):  # PyYAML refuses it when the l
     path.write_bytes(b"\x00name: x\n")
     with pytest.raises(RecipeError, match="malformed YAML"):
         load_recipe(path)
+
+
+GRPO = REPO / "recipes" / "tiny" / "llama-capitals-grpo.yaml"
+
+
+def load_problems(path: Path, *overrides: str) -> dict[str, str]:
+    with pytest.raises(RecipeError) as info:
+        load_recipe(path, list(overrides))
+    return {p.where: p.message for p in info.value.problems}
+
+
+def test_grpo_settings_are_checked_and_named():
+    recipe = load_recipe(GRPO, ["method.rl.reward=[exact_match, {function: contains, weight: 0.5}]"])
+    assert [(r.function, r.weight) for r in recipe.method.rl.reward] == [("exact_match", 1.0), ("contains", 0.5)]
+    assert "ppo (value head, GAE, reward-model scores) is not built yet" in load_problems(
+        GRPO, "method.objective=ppo")["method.objective"]
+    assert "not both or neither" in str(load_problems(GRPO, "method.rl.reward=[{weight: 2}]"))
+    assert "method.rl.group_size" in load_problems(GRPO, "method.rl.group_size=1")
+    # GRPO samples from prompt rows; SFT rows are refused, and so is grpo on sft's prompt-format rows
+    message = str(load_problems(TINY, "method.objective=grpo"))
+    assert "method.objective grpo needs prompt rows, these are alpaca/chat/completion/text" in message
+    as_sft = str(load_problems(GRPO, "method.objective=sft"))
+    assert "needs alpaca/chat/completion/text rows, these are prompt" in as_sft
+    assert "is not supported with method.kind prompt_tuning" in str(load_problems(GRPO, "method.kind=prompt_tuning"))
+
+
+def test_grpo_refuses_what_zero3_cannot_build_with_the_reason():
+    where = problems_of(GRPO, "parallelism.strategy=deepspeed_zero3")
+    assert "needs an unsharded reference copy" in where["parallelism.strategy"]
+    assert "method.rl.kl_coef: 0 (no reference)" in where["parallelism.strategy"]
+    check_recipe(load_recipe(GRPO, ["parallelism.strategy=deepspeed_zero3", "method.rl.kl_coef=0"]), str(GRPO))
+    check_recipe(load_recipe(GRPO, ["parallelism.strategy=fsdp"]), str(GRPO))
+    rm = REPO / "recipes" / "tiny" / "data"  # any folder: the layout check comes before the folder's own check
+    where = problems_of(GRPO, "parallelism.strategy=deepspeed_zero3", "method.rl.kl_coef=0",
+                        f"method.rl.reward=[{{model: {rm}}}]")
+    assert "a reward model runs beside the policy" in where["parallelism.strategy"]
+
+
+def test_grpo_reward_problems_stop_the_launch_with_the_key(tmp_path):
+    where = problems_of(GRPO, f"method.rl.reward=[{{model: {tmp_path}}}]")
+    assert where["method.rl.reward"].startswith(f"reward model {tmp_path} holds no model (no config.json)")
+    where = problems_of(GRPO, "method.rl.reward=[exact_match, {function: contains, options: {field: missing}}]")
+    assert "the row has no field 'missing'" in where["method.rl.reward"]

@@ -233,7 +233,8 @@ def test_weighted_rewards_need_distinct_names_and_finite_weights():
 
 
 def test_check_rewards_passes_on_a_good_sample(user_module):
-    rewards = check_rewards(["numeric_match", f"{user_module}:length"], {"answer": "#### 42"}, prompt="What?")
+    assert check_rewards(["numeric_match", f"{user_module}:length"], {"answer": "#### 42"}, prompt="What?") is None
+    rewards = WeightedRewards.from_specs(["numeric_match", f"{user_module}:length"])
     assert [reward.name for reward in rewards.rewards] == ["numeric_match", "tf_user_rewards:length"]
     assert rewards.weights == (1.0, 1.0)
 

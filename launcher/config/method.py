@@ -117,7 +117,7 @@ class RlConfig(Section):
         True, description="Divide each group's centred rewards by their std (GRPO); false: Dr. GRPO's unscaled."
     )
     reward: Annotated[list[RewardEntry], BeforeValidator(_reward_list)] = Field(
-        default_factory=lambda: [RewardEntry(function="exact_match")],
+        default_factory=lambda: [{"function": "exact_match"}],
         description="The rewards, summed with their weights; a name alone is a reward of weight 1.", min_length=1,
     )
 

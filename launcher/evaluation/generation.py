@@ -24,6 +24,7 @@ import torch.distributed as dist
 from tunefleet.launcher import collectives
 from tunefleet.launcher.data.batches import TokenizedSplit
 from tunefleet.launcher.model.inputs import IGNORE_INDEX
+from tunefleet.launcher.objectives.rollout import left_padded
 from tunefleet.strategies.base import Strategy
 
 
@@ -76,16 +77,6 @@ def rank_prompts(split: TokenizedSplit, tokenizer, *, max_prompts: int, rank: in
     return mine + [filler] * (per_rank - len(mine))
 
 
-def _left_padded(prompts: list[Prompt], pad_id: int, device: torch.device) -> dict[str, torch.Tensor]:
-    width = max(len(p.input_ids) for p in prompts)
-    input_ids = torch.full((len(prompts), width), pad_id, dtype=torch.long)
-    attention_mask = torch.zeros((len(prompts), width), dtype=torch.long)
-    for i, prompt in enumerate(prompts):
-        input_ids[i, width - len(prompt.input_ids):] = torch.tensor(prompt.input_ids)
-        attention_mask[i, width - len(prompt.input_ids):] = 1
-    return {"input_ids": input_ids.to(device), "attention_mask": attention_mask.to(device)}
-
-
 @torch.no_grad()
 def generate(strategy: Strategy, prompts: list[Prompt], tokenizer, *, batch_size: int, max_new_tokens: int,
              device: torch.device) -> list[str]:
@@ -96,7 +87,8 @@ def generate(strategy: Strategy, prompts: list[Prompt], tokenizer, *, batch_size
     outputs = []
     synced = dist.is_initialized() and dist.get_world_size() > 1
     for start in range(0, len(prompts), batch_size):
-        batch = _left_padded(prompts[start:start + batch_size], tokenizer.pad_token_id, device)
+        padded = left_padded([p.input_ids for p in prompts[start:start + batch_size]], tokenizer.pad_token_id)
+        batch = {k: v.to(device) for k, v in padded.items()}
         tokens = model.generate(
             **batch, max_new_tokens=max_new_tokens, do_sample=False, num_beams=1, synced_gpus=synced,
             pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id,

@@ -75,8 +75,8 @@ class TrainingSetup(_Frozen):
     """The numerics and batch shape a run trains with."""
 
     method: Method = Field(description="Full fine-tuning, LoRA on a 4-bit base (qlora), or another peft adapter.")
-    objective: Literal["sft", "dpo", "reward", "grpo"] = Field(
-        description="DPO and reward models forward chosen and rejected rows together; DPO and GRPO with full "
+    objective: Literal["sft", "dpo", "reward", "grpo", "ppo"] = Field(
+        description="DPO and reward models forward chosen and rejected rows together; DPO, GRPO and PPO with full "
         "fine-tuning also keep a frozen reference copy of the starting weights on every rank."
     )
     world_size: int = Field(ge=1, description="Data-parallel ranks N that shard state.")
@@ -245,7 +245,7 @@ def estimate(strategy: str, shape: ModelShape, setup: TrainingSetup, *, cpu_offl
         state, offloaded = deepspeed_state(shape, setup, stage=ZERO_STAGES[strategy], cpu_offload=cpu_offload)
     else:
         raise ValueError(f"no memory model for strategy {strategy!r}")
-    keeps_copy = setup.objective in ("dpo", "grpo") and setup.method == "full"  # the frozen reference
+    keeps_copy = setup.objective in ("dpo", "grpo", "ppo") and setup.method == "full"  # the frozen reference
     reference = shape.num_params * setup.weight_bytes if keeps_copy else 0
     return MemoryEstimate(
         strategy=strategy,

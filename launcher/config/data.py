@@ -8,6 +8,7 @@ from typing import Literal
 from pydantic import Field, model_validator
 
 from tunefleet.launcher.config.base import LocalPath, Section
+from tunefleet.launcher.config.method import ONLINE_RL
 
 DataFormat = Literal["alpaca", "chat", "completion", "text", "classification", "preference", "prompt"]
 # The field names each format reads; `data.sources[].fields` renames them per source.
@@ -107,7 +108,7 @@ class EvalSplit(Section):
     metric: str = Field(
         "eval_loss", description="The evaluation figure that decides the best checkpoint "
         "(`checkpoint.keep_best`) and early stopping, named as in metrics.jsonl: eval_loss; with a classifier "
-        "eval_accuracy, eval_f1; with dpo/reward eval_reward_accuracy, eval_reward_margin; with grpo eval_reward; "
+        "eval_accuracy, eval_f1; with dpo/reward eval_reward_accuracy, eval_reward_margin; with grpo/ppo eval_reward; "
         "with `generate` "
         "eval_exact_match, eval_contains_match; with `reference_data` reference_perplexity."
     )
@@ -159,7 +160,7 @@ def eval_metrics(*, task: str, objective: str, evaluation: EvalSplit | None) -> 
     names = ["eval_loss"]
     if objective in ("dpo", "reward"):
         names += ["eval_reward_accuracy", "eval_reward_margin"]
-    elif objective == "grpo":
+    elif objective in ONLINE_RL:
         names += ["eval_reward"]  # the recipe's reward of greedy completions
     elif task == "sequence_classification":
         names += ["eval_accuracy", "eval_f1"]
@@ -219,7 +220,7 @@ class DataConfig(Section):
 
     def objective_problems(self, *, task: str, objective: str, num_labels: int | None) -> list[str]:
         """Disagreements with `model.task` / `method.objective`, each starting with the key to change."""
-        if task == "sequence_classification" and objective in ("dpo", "grpo"):
+        if task == "sequence_classification" and objective in ("dpo", *ONLINE_RL):
             return [f"method.objective: {objective} trains causal language models; use sft"]
         if objective == "reward" and task != "sequence_classification":
             return ["model.task: method.objective reward trains a one-score head; set model.task: "
@@ -229,7 +230,7 @@ class DataConfig(Section):
         if task == "sequence_classification" and num_labels == 1 and objective != "reward":
             return ["model.num_labels: 1 is a reward model's single score; set method.objective: reward, "
                     "or 2 or more classes"]
-        needed = ("preference" if objective in ("dpo", "reward") else "prompt" if objective == "grpo"
+        needed = ("preference" if objective in ("dpo", "reward") else "prompt" if objective in ONLINE_RL
                   else "classification" if task == "sequence_classification" else "sft")
         problems = []
         if self.kind != needed:

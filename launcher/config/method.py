@@ -1,5 +1,5 @@
 """The `method` section: full fine-tuning or a peft adapter (LoRA, QLoRA, IA3, prefix or prompt tuning),
-and the objective it trains with (sft, dpo, reward, grpo) with online RL's settings (`method.rl`)."""
+and the objective it trains with (sft, dpo, reward, grpo, ppo) with online RL's settings (`method.rl`)."""
 
 from __future__ import annotations
 
@@ -90,9 +90,12 @@ def _reward_list(value: Any) -> Any:
 
 
 class RlConfig(Section):
-    """Online RL (method.objective grpo): sampled completions of each prompt, scored and compared in their group."""
+    """Online RL (method.objective grpo or ppo): completions sampled from the policy, scored by the rewards."""
 
-    group_size: int = Field(8, ge=2, description="Completions sampled per prompt; advantages compare them.")
+    group_size: int = Field(
+        8, ge=1, description="Completions sampled per prompt; GRPO's advantages compare them (at least 2), PPO "
+        "treats each as its own episode (1 is usual)."
+    )
     max_new_tokens: int = Field(64, ge=1, description="Longest completion sampled.")
     temperature: float = Field(1.0, gt=0, description="Sampling temperature of the rollouts.")
     top_p: float = Field(1.0, gt=0, le=1, description="Nucleus sampling of the rollouts (1: off).")
@@ -120,17 +123,19 @@ class RlConfig(Section):
         default_factory=lambda: [{"function": "exact_match"}],
         description="The rewards, summed with their weights; a name alone is a reward of weight 1.", min_length=1,
     )
+    gamma: float = Field(1.0, ge=0, le=1, description="PPO: discount of later tokens' rewards in GAE.")
+    lam: float = Field(0.95, ge=0, le=1, description="PPO: GAE's lambda (1: Monte-Carlo returns, 0: one-step TD).")
+    vf_coef: float = Field(0.1, gt=0, description="PPO: weight of the value loss beside the policy loss.")
+    value_clip_eps: float = Field(
+        0.2, gt=0, description="PPO: how far an update may move a value from the one its advantages used."
+    )
 
 
 PROMPT_LEARNING = ("prefix_tuning", "prompt_tuning")  # methods that add virtual tokens instead of weights
 ADAPTER_KINDS = ("lora", "qlora", "ia3", *PROMPT_LEARNING)  # everything saved as a peft adapter
 
 
-def _objective(value: Any) -> Any:
-    if isinstance(value, str) and value.lower() == "ppo":
-        raise ValueError("ppo (value head, GAE, reward-model scores) is not built yet; use grpo, which needs no "
-                         "value model, with a reward computed by code")
-    return value
+ONLINE_RL = ("grpo", "ppo")  # objectives that sample their own completions and train on their rewards
 
 
 def _peft_kind(value: Any) -> Any:
@@ -157,15 +162,17 @@ class MethodConfig(Section):
         default_factory=list, description="kind full: module or parameter name patterns (fnmatch, e.g. "
         "`model.embed_tokens` or `model.layers.[0-3].*`) kept frozen; each must match a parameter."
     )
-    objective: Annotated[Literal["sft", "dpo", "reward", "grpo"], BeforeValidator(_objective)] = Field(
+    objective: Literal["sft", "dpo", "reward", "grpo", "ppo"] = Field(
         "sft", description="`sft`: next-token loss on target tokens (or the classifier loss); "
         "`dpo`: Direct Preference Optimization on `preference` data against a frozen reference "
         "(LoRA: the base with adapters disabled; full: a frozen copy of the starting weights); "
         "`reward`: a reward model on `preference` data, a one-score head (model.task sequence_classification, "
         "model.num_labels 1) trained with the pairwise loss -log sigmoid(r_chosen - r_rejected); "
-        "`grpo`: online RL on `prompt` data, completions sampled by the policy and scored by `method.rl.reward`."
+        "`grpo`: online RL on `prompt` data, completions sampled by the policy and scored by `method.rl.reward`, "
+        "compared within each prompt's group; `ppo`: the same rollouts and rewards, with a value head on the "
+        "policy, GAE advantages and the KL to the reference as a per-token penalty (RLHF with a reward model)."
     )
-    rl: RlConfig = Field(default_factory=RlConfig, description="Online RL settings (method.objective grpo).")
+    rl: RlConfig = Field(default_factory=RlConfig, description="Online RL settings (method.objective grpo, ppo).")
     beta: float = Field(0.1, gt=0, description="DPO temperature: how far the policy may move from the reference.")
 
     @model_validator(mode="after")
@@ -178,9 +185,34 @@ class MethodConfig(Section):
             raise ValueError("method.virtual_tokens.projection: only prefix_tuning reparametrizes; remove it")
         if self.kind == "prefix_tuning" and tokens.init_text is not None:
             raise ValueError("method.virtual_tokens.init_text: only prompt_tuning starts from text; remove it")
-        if self.kind in PROMPT_LEARNING and self.objective in ("dpo", "grpo"):
-            # DPO's and GRPO's reference is the policy with adapters disabled; prompt tuning's logits then change
-            # length. Not built yet rather than silently misaligned.
+        self._rl_settings_used()
+        if self.kind in PROMPT_LEARNING and self.objective in ("dpo", *ONLINE_RL):
+            # DPO's and online RL's reference is the policy with adapters disabled; prompt tuning's logits
+            # then change length. Not built yet rather than silently misaligned.
             raise ValueError(f"method.objective: {self.objective} is not supported with method.kind {self.kind}; "
                              "use lora or ia3")
         return self
+
+    def _rl_settings_used(self) -> None:
+        rl = self.rl
+        # Compared with the defaults, not with the keys given: a resolved recipe (recipe.resolved.yaml) holds them all.
+        given = {name for name, info in RlConfig.model_fields.items() if getattr(rl, name) != info.get_default(
+            call_default_factory=True)}
+        if self.objective == "grpo" and rl.group_size < 2:
+            raise ValueError("method.rl.group_size: GRPO compares completions of the same prompt; sample at least 2 "
+                             "(or use method.objective: ppo, whose value head needs no group)")
+        ppo_only = sorted(given & {"gamma", "lam", "vf_coef", "value_clip_eps"})
+        if self.objective != "ppo" and ppo_only:
+            raise ValueError(f"method.rl.{ppo_only[0]}: only PPO's value head and GAE use it; remove it or set "
+                             "method.objective: ppo")
+        if self.objective == "ppo" and "scale_rewards" in given:
+            raise ValueError("method.rl.scale_rewards: only GRPO scales rewards within a group (PPO whitens its "
+                             "advantages); remove it")
+        if self.objective == "ppo" and rl.loss_average != "token":
+            raise ValueError("method.rl.loss_average: PPO's advantages and value loss are per token, averaged over "
+                             "tokens; remove it")
+
+    @property
+    def online_rl(self) -> bool:
+        """Sampling its own completions (``method.rl``) from `prompt` rows: GRPO or PPO."""
+        return self.objective in ONLINE_RL

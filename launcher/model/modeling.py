@@ -12,7 +12,7 @@ from pathlib import Path
 import torch
 
 from tunefleet.launcher.config import ADAPTER_KINDS, TINY_PREFIX, MethodConfig, ModelConfig, TrainConfig
-from tunefleet.launcher.model import attention
+from tunefleet.launcher.model import attention, value_head
 from tunefleet.launcher.model import param_groups as _param_groups
 from tunefleet.launcher.model.param_groups import apply_unfreeze as apply_unfreeze  # the loop calls it
 from tunefleet.launcher.model.param_groups import freeze
@@ -44,11 +44,13 @@ def load_model(
     path: str,
     *,
     init_context: contextlib.AbstractContextManager | None = None,
+    with_value_head: bool = False,
 ) -> torch.nn.Module:
-    """Load weights by path (inside the strategy's init context), freeze ``method.freeze`` and attach adapters.
+    """Load weights by path (inside the strategy's init context), freeze ``method.freeze``, give it PPO's value
+    head if asked (``value_head.py``) and attach adapters.
 
-    The names of weights the folder lacks (newly initialised, e.g. a classifier head) are kept on
-    the returned model as ``tunefleet_new_weights`` for ``train.head_lr``.
+    The names of weights the folder lacks (newly initialised, e.g. a classifier head or the value head) are
+    kept on the returned model as ``tunefleet_new_weights`` for ``train.head_lr``.
     """
     import transformers
 
@@ -76,8 +78,13 @@ def load_model(
         model, loading = auto.from_pretrained(path, output_loading_info=True, **kwargs)
     new_weights = frozenset(loading["missing_keys"])
     freeze(model, method.freeze)
+    if with_value_head:
+        head = value_head.attach(model)
+        new_weights |= {f"{value_head.ATTRIBUTE}.{name}" for name, _ in head.named_parameters()}
     if method.kind in ADAPTER_KINDS:
         model = attach_adapter(model, method, cfg, path)
+        if with_value_head:
+            head.requires_grad_(True)  # peft froze everything but its adapters
     model.tunefleet_new_weights = new_weights
     return model
 
@@ -171,6 +178,7 @@ def save_final(model: torch.nn.Module, state_dict: dict, tokenizer, out_dir: str
     """Rank 0: HF safetensors folder (full) or a peft adapter folder (every other kind), plus tokenizer."""
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
+    state_dict = {key: value for key, value in state_dict.items() if not value_head.is_value_head_key(key)}
     if getattr(model, "prompt_encoder", None):
         _save_prompt_adapter(model, state_dict, out_dir)
     else:

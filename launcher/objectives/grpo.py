@@ -205,23 +205,42 @@ class Grpo:
                device: torch.device) -> GrpoStepResult:
         """Collective: the step's loss and figures over every rank's completions."""
         loss_sum, *policy_sums, entropy_sum = totals
+        flat_groups = float(grouped.zero_std_fraction) * len(grouped.group_std)
+        rollouts = RolloutFigures.reduce(scores, rows, device, flat_groups, len(grouped.group_std))
+        flat_groups, groups = rollouts.extra
+        figures = {**rollouts.figures, **pg.policy_metrics(policy_sums),
+                   "entropy": entropy_sum / max(policy_sums[0], 1.0), "zero_std_groups": flat_groups / max(groups, 1.0),
+                   "rollout_s": rollout_s, "optimize_s": optimize_s}
+        return GrpoStepResult(loss=loss_sum / max(global_units, 1.0), num_tokens=rollouts.completion_tokens,
+                              num_input_tokens=rollouts.input_tokens, grad_norm=grad_norm, figures=figures)
+
+
+@dataclass(frozen=True)
+class RolloutFigures:
+    """What every online-RL step reports of its rollouts, over every rank's completions."""
+
+    figures: dict[str, float]  # reward_mean, reward_std, reward_<function> of each reward, completion_len
+    completion_tokens: int
+    input_tokens: int
+    extra: list[float]  # the caller's sums, all-reduced with the rest
+
+    @classmethod
+    def reduce(cls, scores, rows: Batch, device: torch.device, *extra: float) -> RolloutFigures:
+        """Collective: one all-reduce of this rank's rewards, token counts and ``extra`` sums."""
         names = list(scores.per_reward)
         local = [len(scores.total), sum(scores.total), sum(s * s for s in scores.total),
-                 float(grouped.zero_std_fraction) * len(grouped.group_std), len(grouped.group_std),
                  float((rows["labels"][:, 1:] != IGNORE_INDEX).sum()), float(rows["attention_mask"].sum()),
-                 *(sum(scores.per_reward[name]) for name in names)]
-        (count, total, squares, flat_groups, groups, completion_tokens, input_tokens,
-         *per_reward) = collectives.all_reduce(torch.tensor(local, dtype=torch.float64, device=device)).tolist()
+                 *(sum(scores.per_reward[name]) for name in names), *extra]
+        (count, total, squares, completion_tokens, input_tokens, *rest) = collectives.all_reduce(
+            torch.tensor(local, dtype=torch.float64, device=device)).tolist()
+        per_reward, extra = rest[:len(names)], rest[len(names):]
         mean = total / count
         figures = {
             "reward_mean": mean, "reward_std": float(np.sqrt(max(squares / count - mean * mean, 0.0))),
             **{f"reward_{metric_name(name)}": value / count for name, value in zip(names, per_reward, strict=True)},
-            **pg.policy_metrics(policy_sums), "entropy": entropy_sum / max(policy_sums[0], 1.0),
-            "completion_len": completion_tokens / count, "zero_std_groups": flat_groups / max(groups, 1.0),
-            "rollout_s": rollout_s, "optimize_s": optimize_s,
+            "completion_len": completion_tokens / count,
         }
-        return GrpoStepResult(loss=loss_sum / max(global_units, 1.0), num_tokens=int(completion_tokens),
-                              num_input_tokens=int(input_tokens), grad_norm=grad_norm, figures=figures)
+        return cls(figures, int(completion_tokens), int(input_tokens), extra)
 
 
 def metric_name(reward_name: str) -> str:

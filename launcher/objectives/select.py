@@ -8,7 +8,7 @@ from dataclasses import dataclass
 import torch
 
 from tunefleet.launcher.config import Recipe, RlConfig
-from tunefleet.launcher.objectives import dpo, grpo, reward, sft
+from tunefleet.launcher.objectives import dpo, grpo, ppo, reward, sft
 from tunefleet.launcher.objectives.rl_rewards import RewardSpec, WeightedRewards
 from tunefleet.launcher.objectives.rollout import ColocatedRollout
 from tunefleet.launcher.objectives.step import Batch, StepResult
@@ -40,11 +40,11 @@ def objective(recipe: Recipe, model_path: str, device: torch.device, *, strategy
         return Objective(_stepless(sft.train_step), lambda strategy, batches, device: sft.evaluate_classifier(
             strategy, batches, device, labels))
     token_loss = lambda strategy, batches, device: {"eval_loss": sft.evaluate(strategy, batches, device)}  # noqa: E731
-    if method.objective == "grpo":
-        grpo_objective = make_grpo(recipe, model_path, device, strategy=strategy, tokenizer=tokenizer,
-                                   rows_per_micro_batch=rows_per_micro_batch)
-        return Objective(lambda strategy, batches, device, step: grpo_objective.step(strategy, batches, device,
-                                                                                    step=step), grpo_objective.evaluate)
+    if method.online_rl:
+        online = make_online_rl(recipe, model_path, device, strategy=strategy, tokenizer=tokenizer,
+                                rows_per_micro_batch=rows_per_micro_batch)
+        return Objective(lambda strategy, batches, device, step: online.step(strategy, batches, device, step=step),
+                         online.evaluate)
     if method.objective != "dpo":
         return Objective(_stepless(sft.train_step), token_loss)
     reference, beta = dpo.load_reference(model, method, model_path, device), method.beta
@@ -54,17 +54,18 @@ def objective(recipe: Recipe, model_path: str, device: torch.device, *, strategy
     )
 
 
-def make_grpo(recipe: Recipe, model_path: str, device: torch.device, *, strategy: Strategy, tokenizer,
-              rows_per_micro_batch: int) -> grpo.Grpo:
-    """GRPO with the recipe's rewards (loaded here, on every worker), rollouts on this worker, and the
+def make_online_rl(recipe: Recipe, model_path: str, device: torch.device, *, strategy: Strategy, tokenizer,
+                   rows_per_micro_batch: int) -> grpo.Grpo:
+    """GRPO or PPO with the recipe's rewards (loaded here, on every worker), rollouts on this worker, and the
     frozen reference its KL needs (none without a KL term; the adapter-disabled base for adapters)."""
     rl = recipe.method.rl
     rollout = ColocatedRollout(strategy, tokenizer, max_new_tokens=rl.max_new_tokens, temperature=rl.temperature,
                                top_p=rl.top_p, batch_size=rows_per_micro_batch, device=device)
     reference = dpo.load_reference(recipe.model, recipe.method, model_path, device) if rl.kl_coef else None
     rewards = WeightedRewards.from_specs(reward_specs(rl), device=device)
-    return grpo.Grpo(rl, rewards, rollout, tokenizer, reference=reference,
-                     seed=recipe.train.seed, rows_per_micro_batch=rows_per_micro_batch)
+    kind = ppo.Ppo if recipe.method.objective == "ppo" else grpo.Grpo
+    return kind(rl, rewards, rollout, tokenizer, reference=reference, seed=recipe.train.seed,
+                rows_per_micro_batch=rows_per_micro_batch)
 
 
 def reward_specs(rl: RlConfig) -> list[RewardSpec]:

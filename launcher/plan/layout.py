@@ -93,16 +93,16 @@ def make_plan(recipe: Recipe, source: str = "recipe", *, on_this_machine: bool =
                                 "tunefleet does not compile; set parallelism.compile: false, or use strategy ddp or "
                                 "fsdp"))
     method = recipe.method
-    needs_copy = method.objective == "dpo" or (method.objective == "grpo" and method.rl.kl_coef > 0)
+    needs_copy = method.objective == "dpo" or (method.online_rl and method.rl.kl_coef > 0)
     if needs_copy and method.kind == "full" and name == "deepspeed_zero3":
         # Full fine-tuning keeps a frozen reference copy outside the engine; while ZeRO-3's config is
         # alive, transformers builds every model partitioned, which a module outside the engine cannot run.
-        fix = "method.rl.kl_coef: 0 (no reference), " if method.objective == "grpo" else ""
+        fix = "method.rl.kl_coef: 0 (no reference), " if method.online_rl else ""
         problems.append(Problem("parallelism.strategy", f"method.objective {method.objective} with method.kind "
                                 "full needs an unsharded reference copy, which deepspeed_zero3 cannot build; use "
                                 f"strategy fsdp or deepspeed_zero2, {fix}or method.kind lora (its reference is the "
                                 "base itself)"))
-    if method.objective == "grpo" and name == "deepspeed_zero3" and any(r.model for r in method.rl.reward):
+    if method.online_rl and name == "deepspeed_zero3" and any(r.model for r in method.rl.reward):
         problems.append(Problem("parallelism.strategy", "method.rl.reward: a reward model runs beside the policy, "
                                 "unsharded, which deepspeed_zero3 cannot build while its config is alive; use "
                                 "strategy fsdp or deepspeed_zero2"))

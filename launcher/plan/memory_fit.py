@@ -137,15 +137,15 @@ def model_shape(model: torch.nn.Module, *, quantize_base: bool) -> ModelShape:
 
 def training_setup(recipe: Recipe, world_size: int) -> TrainingSetup:
     par, rl = recipe.parallelism, recipe.method.rl
-    grpo = recipe.method.objective == "grpo"  # each prompt trains as group_size prompt + completion rows
+    online_rl = recipe.method.online_rl  # each prompt trains as group_size prompt + completion rows
     return TrainingSetup(
         method=recipe.method.kind,
         objective=recipe.method.objective,
         world_size=world_size,
         weight_bytes=_WEIGHT_BYTES[recipe.model.dtype],
         mixed_precision=par.mixed_precision,
-        seq_len=recipe.data.max_seq_len + (rl.max_new_tokens if grpo else 0),
-        micro_batch_size=recipe.train.micro_batch_size * (rl.group_size if grpo else 1),
+        seq_len=recipe.data.max_seq_len + (rl.max_new_tokens if online_rl else 0),
+        micro_batch_size=recipe.train.micro_batch_size * (rl.group_size if online_rl else 1),
         activation_checkpointing=par.activation_checkpointing,
         eager_attention=recipe.model.attn_implementation == "eager",
         causal_lm=recipe.model.task == "causal_lm",

@@ -49,7 +49,7 @@ def input_problems(recipe: Recipe) -> list[Problem]:
 def reward_problems(recipe: Recipe) -> list[Problem]:
     """Online RL: every reward loads here and scores an empty completion of the first prompt row once, so
     a missing module, a typo in a name or a reward that raises or returns no number fails before Ray starts."""
-    if recipe.method.objective != "grpo":
+    if not recipe.method.online_rl:
         return []
     source = recipe.data.sources[0]
     row = {"prompt": "", "answer": ""}

@@ -46,7 +46,7 @@ import yaml
 
 from tunefleet.launcher.config import RESOLVED_RECIPE, MethodConfig, Recipe
 from tunefleet.launcher.errors import UserError
-from tunefleet.launcher.model import modeling
+from tunefleet.launcher.model import modeling, value_head
 from tunefleet.launcher.training import checkpoint
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
@@ -162,6 +162,7 @@ def _model_keys(skeleton: torch.nn.Module) -> tuple[list[str], set[str]]:
 def _model_entries(specs: dict, skeleton: torch.nn.Module, *, merge_lora: bool) -> list[_Entry]:
     """Entries for every weight of the model, checked against what the model class expects."""
     by_name = _merged_entries(specs) if merge_lora else {key: _Entry(key, (key,)) for key in specs}
+    by_name = {key: entry for key, entry in by_name.items() if not value_head.is_value_head_key(key)}  # PPO's
     expected, aliases = _model_keys(skeleton)
     missing = [key for key in expected if key not in by_name]
     unexpected = sorted(set(by_name) - set(expected) - aliases)

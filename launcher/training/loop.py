@@ -133,7 +133,7 @@ class TrainLoop:
             module,
             modeling.make_optimizer_factory(recipe.train),
             modeling.make_scheduler_factory(
-                recipe.train, updates_per_step=recipe.method.rl.epochs if recipe.method.objective == "grpo" else 1),
+                recipe.train, updates_per_step=recipe.method.rl.epochs if recipe.method.online_rl else 1),
             modeling.param_groups(module, recipe.train),
         )
         self.startup["strategy_ready"] = time.time()
@@ -143,7 +143,8 @@ class TrainLoop:
         recipe, job = self.recipe, self.job
         if isinstance(job, EvalJob):
             return load_trained(recipe.model, recipe.method, job.model_path, job.model_dir, init_context)
-        return modeling.load_model(recipe.model, recipe.method, job.model_path, init_context=init_context)
+        return modeling.load_model(recipe.model, recipe.method, job.model_path, init_context=init_context,
+                                   with_value_head=recipe.method.objective == "ppo")
 
     def setup_throughput(self) -> None:
         """What MFU needs: parameter counts, the model's shape, and the device's peak (recorded in the run folder)."""
@@ -161,7 +162,7 @@ class TrainLoop:
         self.eval_inputs = open_eval_inputs(self.recipe.data.eval, self.job.data_dir, self.tokenizer, rank=self.rank,
                                             world_size=self.world_size, batch_size=self.plan.micro_batch_size)
         rl = self.recipe.method.rl
-        rows = self.plan.micro_batch_size * (rl.group_size if self.recipe.method.objective == "grpo" else 1)
+        rows = self.plan.micro_batch_size * (rl.group_size if self.recipe.method.online_rl else 1)
         self.objective = objective(self.recipe, self.job.model_path, self.device, strategy=self.strategy,
                                    tokenizer=self.tokenizer, rows_per_micro_batch=rows)
 

@@ -1,7 +1,7 @@
-"""GRPO under every strategy on 2 gloo ranks, with the same rollouts fed in: the loss, the figures and
-the weights after two steps (the second with two updates on its rollouts, so the ratio leaves 1 and
-clipping acts) match DDP's; with a KL term, FSDP2 matches DDP too (ZeRO-3 refuses a full reference
-copy, see plan/layout.py)."""
+"""GRPO and PPO under every strategy on 2 gloo ranks, with the same rollouts fed in: the loss, the figures and
+the weights (PPO's value head included) after two steps (the second with two updates on its rollouts, so the
+ratio leaves 1 and clipping acts) match DDP's; with a KL term, FSDP2 matches DDP too (ZeRO-3 refuses a full
+reference copy, see plan/layout.py)."""
 
 from __future__ import annotations
 
@@ -69,8 +69,13 @@ def _prompts(rank: int) -> list[dict[str, torch.Tensor]]:
 
 def _train_everywhere(model_dir: str) -> dict[str, dict]:
     from tunefleet.launcher.config import MethodConfig, ModelConfig, RlConfig, TrainConfig
-    from tunefleet.launcher.model.modeling import load_model, make_optimizer_factory, make_scheduler_factory, param_groups
-    from tunefleet.launcher.objectives import dpo, grpo
+    from tunefleet.launcher.model.modeling import (
+        load_model,
+        make_optimizer_factory,
+        make_scheduler_factory,
+        param_groups,
+    )
+    from tunefleet.launcher.objectives import dpo, grpo, ppo
     from tunefleet.launcher.objectives.rl_rewards import RewardSpec, WeightedRewards
     from tunefleet.strategies.base import StrategyPlan
     from tunefleet.strategies.registry import create
@@ -79,28 +84,32 @@ def _train_everywhere(model_dir: str) -> dict[str, dict]:
     rewards = WeightedRewards.from_specs([RewardSpec(f"{__name__}:odd_tokens")])
     train = TrainConfig(max_steps=2, lr=LR, warmup_steps=0, weight_decay=0.0)
     out = {}
-    runs = [(name, 0.0) for name in STRATEGIES]
-    runs[2:2] = [("ddp", 0.1), ("fsdp", 0.1)]  # before ZeRO-3 (see STRATEGIES)
-    for name, kl_coef in runs:
+    runs = [("grpo", name, 0.0) for name in STRATEGIES]
+    # Before ZeRO-3 (see STRATEGIES); PPO under ZeRO-3 last.
+    runs[2:2] = [("grpo", "ddp", 0.1), ("grpo", "fsdp", 0.1), ("ppo", "ddp", 0.1), ("ppo", "fsdp", 0.1),
+                 ("ppo", "ddp", 0.0)]
+    runs.append(("ppo", "deepspeed_zero3", 0.0))
+    for kind, name, kl_coef in runs:
         strategy = create(StrategyPlan(
             name=name, world_size=2, num_nodes=1, workers_per_node=2, use_gpu=False, micro_batch_size=2,
             grad_accum_steps=1, max_grad_norm=1.0,
             deepspeed_overrides=ZERO3_OVERRIDES if name == "deepspeed_zero3" else {},
         ))
         model = load_model(ModelConfig(path=model_dir), MethodConfig(), model_dir,
-                           init_context=strategy.model_init_context())
+                           init_context=strategy.model_init_context(), with_value_head=kind == "ppo")
         strategy.setup(model, make_optimizer_factory(train), make_scheduler_factory(train, updates_per_step=2),
                        param_groups(model, train))
         reference = dpo.load_reference(ModelConfig(path=model_dir), MethodConfig(), model_dir, cpu) if kl_coef else None
         figures = []
         for step, epochs in ((0, 1), (1, 2)):
-            rl = RlConfig(group_size=3, kl_coef=kl_coef, epochs=epochs, clip_eps=0.05, temperature=0.9)
-            objective = grpo.Grpo(rl, rewards, SeededRollout(), Ids(), reference=reference, seed=0,
-                                  rows_per_micro_batch=4)
+            rl = RlConfig(group_size=3, kl_coef=kl_coef, epochs=epochs, clip_eps=0.05, temperature=0.9,
+                          value_clip_eps=0.05, gamma=0.9)
+            objective = (ppo.Ppo if kind == "ppo" else grpo.Grpo)(rl, rewards, SeededRollout(), Ids(),
+                                                                  reference=reference, seed=0, rows_per_micro_batch=4)
             result = objective.step(strategy, _prompts(rank), cpu, step=step)
             figures.append({"loss": result.loss, **{k: v for k, v in result.metrics().items() if not k.endswith("_s")}})
         state = {k: v.detach().clone() for k, v in strategy.full_state_dict().items()}
-        out[f"{name}-kl{kl_coef}"] = {"figures": figures, "state": state if rank == 0 else None}
+        out[f"{kind}-{name}-kl{kl_coef}"] = {"figures": figures, "state": state if rank == 0 else None}
         strategy.teardown()
         dist.barrier()
     return out
@@ -112,14 +121,16 @@ def results(tmp_path_factory) -> list[dict[str, dict]]:
     return run_ranks(_train_everywhere, _save_tiny_llama(root / "model"), workdir=root / "ranks", timeout_s=400)
 
 
-@pytest.mark.parametrize("run", ["fsdp-kl0.0", "deepspeed_zero3-kl0.0", "fsdp-kl0.1"])
-def test_grpo_under_sharding_matches_ddp(results, run):
-    baseline = f"ddp-kl{run.split('-kl')[1]}"
+@pytest.mark.parametrize("run", ["grpo-fsdp-kl0.0", "grpo-deepspeed_zero3-kl0.0", "grpo-fsdp-kl0.1", "ppo-fsdp-kl0.1",
+                                 "ppo-deepspeed_zero3-kl0.0"])
+def test_online_rl_under_sharding_matches_ddp(results, run):
+    kind, _, kl = run.split("-")
+    baseline = f"{kind}-ddp-{kl}"
     for rank_results in results:
         for got, expected in zip(rank_results[run]["figures"], rank_results[baseline]["figures"], strict=True):
             assert got.keys() == expected.keys()
             for key in expected:
-                assert got[key] == pytest.approx(expected[key], rel=LOSS_RTOL, abs=1e-7), key
+                assert got[key] == pytest.approx(expected[key], rel=LOSS_RTOL, abs=1e-6), key
     state, expected = results[0][run]["state"], results[0][baseline]["state"]
     assert state.keys() == expected.keys()
     for key in expected:
@@ -128,8 +139,23 @@ def test_grpo_under_sharding_matches_ddp(results, run):
 
 def test_the_updates_did_something(results):
     """The second step's second update clips (ratio away from 1), and the KL term is measured."""
-    second = results[0]["ddp-kl0.1"]["figures"][1]
-    assert second["kl"] > 0 and results[0]["ddp-kl0.0"]["figures"][1]["kl"] == 0
+    second = results[0]["grpo-ddp-kl0.1"]["figures"][1]
+    assert second["kl"] > 0 and results[0]["grpo-ddp-kl0.0"]["figures"][1]["kl"] == 0
     assert second["clip_fraction"] > 0
-    first_state = results[0]["ddp-kl0.0"]["state"]
-    assert any(not torch.equal(first_state[k], results[0]["ddp-kl0.1"]["state"][k]) for k in first_state)
+    first_state = results[0]["grpo-ddp-kl0.0"]["state"]
+    assert any(not torch.equal(first_state[k], results[0]["grpo-ddp-kl0.1"]["state"][k]) for k in first_state)
+
+
+def test_ppo_trains_its_value_head_and_leaves_ratio_one_on_the_first_update(results):
+    """The value head starts at zero and learns the returns; the first update's ratio is 1 (old = current policy);
+    the value clip acts on the second step's second update; the KL penalty changes the update."""
+    run = results[0]["ppo-ddp-kl0.1"]
+    first, second = run["figures"]
+    assert first["ratio"] == pytest.approx(1.0, abs=1e-6) and first["clip_fraction"] == 0
+    assert first["value_loss"] > 0 and first["explained_variance"] <= 0  # zero values explain nothing yet
+    assert second["value_clip_fraction"] > 0 and second["kl"] > 0
+    head = [key for key in run["state"] if key.startswith("value_head.")]
+    assert sorted(head) == ["value_head.bias", "value_head.weight"]
+    assert all(run["state"][key].abs().sum() > 0 for key in head)
+    without_kl = results[0]["ppo-ddp-kl0.0"]["state"]
+    assert any(not torch.equal(without_kl[k], run["state"][k]) for k in without_kl)

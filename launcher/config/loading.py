@@ -98,6 +98,9 @@ def _problems_from(exc: ValidationError) -> list[Problem]:
             msg = _unknown_key(err["loc"])
         elif err["type"] == "missing":
             msg = "required key is missing"
+        key, _, rest = msg.partition(": ")
+        if rest and key.startswith(f"{where}.") and " " not in key:  # a section's check names a deeper key
+            where, msg = key, rest
         problems.append(Problem(where, msg))
     return problems
 

@@ -17,6 +17,7 @@ COMMON = [
 ]
 FULL = "recipes/tiny/llama-full-ddp.yaml"
 LORA = "recipes/tiny/llama-lora-ddp.yaml"
+REWARD = "recipes/tiny/llama-reward-ddp.yaml"
 
 
 def read_metrics(run_dir: Path) -> tuple[list[dict], list[dict]]:
@@ -50,4 +51,13 @@ def baseline_full(ray_cluster, tmp_path_factory):
     """One uninterrupted full-DDP run that other tests compare against."""
     out = tmp_path_factory.mktemp("baseline-full") / "run"
     result = launch(FULL, out, address=ray_cluster.address)
+    return out, result
+
+
+@pytest.fixture(scope="session")
+def reward_model(ray_cluster, tmp_path_factory):
+    """A reward model trained by the shipped reward recipe (60 steps): tested itself, and PPO's reward."""
+    out = tmp_path_factory.mktemp("reward-model") / "run"
+    result = launch(REWARD, out, "--set=train.max_steps=60", "--set=train.eval_every_steps=30",
+                    "--set=checkpoint.every_steps=null", address=ray_cluster.address)
     return out, result

@@ -16,7 +16,6 @@ pytestmark = pytest.mark.e2e
 DPO = "recipes/tiny/llama-dpo-ddp.yaml"
 CLASSIFY = "recipes/tiny/llama-classify-ddp.yaml"
 MINILM = "recipes/tiny/minilm-sentiment-ddp.yaml"
-REWARD = "recipes/tiny/llama-reward-ddp.yaml"
 
 
 def test_packing_fills_the_rows_and_reports_it(ray_cluster, baseline_full, tmp_path):
@@ -73,10 +72,8 @@ def test_pretrained_minilm_learns_sentiment_with_a_faster_head(ray_cluster, tmp_
     assert summary["eval_accuracy_before"] < 0.7 and summary["eval_accuracy_after"] >= 0.85, summary
 
 
-def test_reward_model_ranks_held_out_pairs(ray_cluster, tmp_path):
-    out = tmp_path / "reward"
-    result = launch(REWARD, out, "--set=train.max_steps=60", "--set=train.eval_every_steps=30",
-                    "--set=checkpoint.every_steps=null", address=ray_cluster.address)
+def test_reward_model_ranks_held_out_pairs(reward_model):
+    out, result = reward_model
     train, evals = read_metrics(out)
     assert {"reward_accuracy", "reward_margin"} <= train[-1].keys()
     assert [e["step"] for e in evals] == [0, 30, 60]

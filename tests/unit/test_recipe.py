@@ -216,6 +216,7 @@ def test_a_nul_byte_is_malformed_yaml(tmp_path):  # PyYAML refuses it when the l
 
 
 GRPO = REPO / "recipes" / "tiny" / "llama-capitals-grpo.yaml"
+PPO = REPO / "recipes" / "tiny" / "llama-rlhf-ppo.yaml"
 
 
 def load_problems(path: Path, *overrides: str) -> dict[str, str]:
@@ -227,8 +228,7 @@ def load_problems(path: Path, *overrides: str) -> dict[str, str]:
 def test_grpo_settings_are_checked_and_named():
     recipe = load_recipe(GRPO, ["method.rl.reward=[exact_match, {function: contains, weight: 0.5}]"])
     assert [(r.function, r.weight) for r in recipe.method.rl.reward] == [("exact_match", 1.0), ("contains", 0.5)]
-    assert "ppo (value head, GAE, reward-model scores) is not built yet" in load_problems(
-        GRPO, "method.objective=ppo")["method.objective"]
+    assert "only PPO's value head and GAE use it" in load_problems(GRPO, "method.rl.gamma=0.9")["method.rl.gamma"]
     assert "not both or neither" in str(load_problems(GRPO, "method.rl.reward=[{weight: 2}]"))
     assert "method.rl.group_size" in load_problems(GRPO, "method.rl.group_size=1")
     # GRPO samples from prompt rows; SFT rows are refused, and so is grpo on sft's prompt-format rows
@@ -256,3 +256,19 @@ def test_grpo_reward_problems_stop_the_launch_with_the_key(tmp_path):
     assert where["method.rl.reward"].startswith(f"reward model {tmp_path} holds no model (no config.json)")
     where = problems_of(GRPO, "method.rl.reward=[exact_match, {function: contains, options: {field: missing}}]")
     assert "the row has no field 'missing'" in where["method.rl.reward"]
+
+
+def test_ppo_settings_are_checked_and_named():
+    recipe = load_recipe(PPO, ["method.rl.group_size=1"])
+    assert recipe.method.online_rl and recipe.method.rl.group_size == 1 and recipe.method.rl.kl_estimator == "k1"
+    scaled = load_problems(PPO, "method.rl.scale_rewards=false")["method.rl.scale_rewards"]
+    assert "only GRPO scales rewards within a group" in scaled
+    assert "per token" in load_problems(PPO, "method.rl.loss_average=sequence")["method.rl.loss_average"]
+    assert "needs prompt rows" in str(load_problems(TINY, "method.objective=ppo"))
+    assert "is not supported with method.kind prefix_tuning" in str(load_problems(PPO, "method.kind=prefix_tuning"))
+    # A resolved recipe holds every key (at its default): it loads again.
+    assert load_recipe(GRPO).method.model_dump(mode="json")["rl"]["gamma"] == 1.0
+    check_recipe(load_recipe(PPO, ["parallelism.strategy=fsdp"]), str(PPO))
+    where = problems_of(PPO, "parallelism.strategy=deepspeed_zero3")
+    assert "needs an unsharded reference copy" in where["parallelism.strategy"]
+    check_recipe(load_recipe(PPO, ["parallelism.strategy=deepspeed_zero3", "method.kind=lora"]), str(PPO))

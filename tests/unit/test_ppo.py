@@ -12,7 +12,7 @@ from tunefleet.launcher.objectives import ppo
 from tunefleet.launcher.objectives import value as value_math
 from tunefleet.launcher.objectives.rl_rewards import RewardSpec, WeightedRewards
 
-from .test_grpo import FixedRollout, Ids, Plain, prompt_batch, tiny_policy
+from .test_grpo import FixedRollout, Ids, Plain, prompt_batch, says_seven, tiny_policy
 
 CPU = torch.device("cpu")
 
@@ -76,7 +76,7 @@ def test_the_final_model_leaves_the_value_head_out(model_dir, tmp_path):
 def rewarded(lr: float = 0.5, **rl) -> tuple[ppo.Ppo, Plain, torch.nn.Module]:
     model = tiny_policy()
     value_head.attach(model)
-    rewards = WeightedRewards.from_specs([RewardSpec(f"{__name__}:says_seven")])
+    rewards = WeightedRewards.from_specs([RewardSpec(f"{says_seven.__module__}:says_seven")])
     objective = ppo.Ppo(RlConfig(**{"group_size": 2, "kl_coef": 0.0, "max_new_tokens": 2, **rl}), rewards,
                         FixedRollout(), Ids(), reference=None, seed=0, rows_per_micro_batch=2)
     return objective, Plain(model, lr=lr), model

@@ -22,9 +22,9 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from tunefleet.launcher.model.inputs import IGNORE_INDEX
+from tunefleet.launcher.model.inputs import IGNORE_INDEX, ROW_FIELDS
 
-_ARRAYS = ("input_ids", "labels", "offsets", "position_ids", "class_labels")
+_ARRAYS = ("input_ids", "labels", "offsets", "position_ids", "class_labels", "fields", "field_offsets")
 
 
 @dataclass(frozen=True)
@@ -35,7 +35,9 @@ class TokenizedSplit:
     positions of packed rows (restarting at 0 for every packed example), and
     ``class_labels`` one class id per row for classification (no token labels).
     With ``rows_per_example == 2`` rows ``2e`` and ``2e + 1`` are the chosen and
-    the rejected sequence of preference pair ``e``.
+    the rejected sequence of preference pair ``e``. Prompt rows (online RL) keep
+    the row's other fields for the reward functions: row ``i``'s are the UTF-8
+    JSON object ``fields[field_offsets[i]:field_offsets[i + 1]]``.
     """
 
     input_ids: np.ndarray
@@ -44,6 +46,8 @@ class TokenizedSplit:
     position_ids: np.ndarray | None = None
     class_labels: np.ndarray | None = None
     rows_per_example: int = 1
+    fields: np.ndarray | None = None
+    field_offsets: np.ndarray | None = None
 
     def __len__(self) -> int:
         return len(self.offsets) - 1
@@ -60,6 +64,13 @@ class TokenizedSplit:
         start, end = self.offsets[index], self.offsets[index + 1]
         return self.input_ids[start:end], None if self.labels is None else self.labels[start:end]
 
+    def row_fields(self, index: int) -> dict:
+        """Row ``index``'s other fields ({} for splits that keep none)."""
+        if self.fields is None:
+            return {}
+        start, end = self.field_offsets[index], self.field_offsets[index + 1]
+        return json.loads(np.asarray(self.fields[start:end]).tobytes())
+
     def example_rows(self, examples) -> list[int]:
         """Row indices of these examples: all first rows (chosen), then all second rows (rejected)."""
         k = self.rows_per_example
@@ -74,9 +85,14 @@ class TokenizedSplit:
         def gather(array):
             return None if array is None else np.asarray(array)[token_index]
 
+        fields, field_offsets = None, None
+        if self.fields is not None:
+            byte_index, field_offsets = gather_rows(self.field_offsets, rows)
+            fields = np.asarray(self.fields)[byte_index]
         return TokenizedSplit(
             np.asarray(self.input_ids)[token_index], gather(self.labels), offsets, gather(self.position_ids),
             None if self.class_labels is None else np.asarray(self.class_labels)[rows], self.rows_per_example,
+            fields, field_offsets,
         )
 
     def save(self, folder: Path) -> None:
@@ -107,15 +123,21 @@ def gather_rows(offsets: np.ndarray, rows: np.ndarray) -> tuple[np.ndarray, np.n
 def concat(splits: list[TokenizedSplit]) -> TokenizedSplit:
     """One split holding every row of ``splits`` in order (all of one kind)."""
     first = splits[0]
-    starts = np.cumsum([0] + [split.num_tokens for split in splits[:-1]])  # where each split's tokens go
-    offsets = [np.zeros(1, np.int64)] + [np.asarray(split.offsets[1:]) + start
-                                         for split, start in zip(splits, starts, strict=True)]
 
     def joined(name):
         return None if getattr(first, name) is None else np.concatenate([getattr(s, name) for s in splits])
 
-    return TokenizedSplit(joined("input_ids"), joined("labels"), np.concatenate(offsets), joined("position_ids"),
-                          joined("class_labels"), first.rows_per_example)
+    def joined_offsets(name):
+        """Each split's offsets moved past the items of the splits before it."""
+        if getattr(first, name) is None:
+            return None
+        starts = np.cumsum([0] + [int(getattr(split, name)[-1]) for split in splits[:-1]])
+        return np.concatenate([np.zeros(1, np.int64)] + [np.asarray(getattr(split, name)[1:]) + start
+                                                         for split, start in zip(splits, starts, strict=True)])
+
+    return TokenizedSplit(joined("input_ids"), joined("labels"), joined_offsets("offsets"), joined("position_ids"),
+                          joined("class_labels"), first.rows_per_example, joined("fields"),
+                          joined_offsets("field_offsets"))
 
 
 def cache_meta(folder: Path) -> dict:
@@ -162,12 +184,13 @@ def eval_batches(split: TokenizedSplit, *, rank: int, world_size: int, batch_siz
 
 
 # --------------------------------------------------------------------------- batches
-def collate(split: TokenizedSplit, examples, pad_id: int) -> dict[str, torch.Tensor]:
+def collate(split: TokenizedSplit, examples, pad_id: int) -> dict[str, torch.Tensor | list[dict]]:
     """Right-padded tensors of these examples (pairs: chosen rows, then rejected rows).
 
     No examples gives one all-ignored pad row per example row (keeps ranks in
     step). Packed splits add ``position_ids``; the pad tail restarts at 0, so it
-    is a document of its own. Classification gives one label per row.
+    is a document of its own. Classification gives one label per row; prompt
+    rows add their other fields (``ROW_FIELDS``, a list of dicts, not a tensor).
     """
     rows = [split.row(r) for r in split.example_rows(examples)]
     rows = rows or [(np.asarray([pad_id]), None)] * split.rows_per_example
@@ -187,6 +210,8 @@ def collate(split: TokenizedSplit, examples, pad_id: int) -> dict[str, torch.Ten
                                           dtype=torch.long)
     if split.position_ids is not None:
         batch["position_ids"] = _packed_positions(split, examples, width)
+    if split.fields is not None:
+        batch[ROW_FIELDS] = [split.row_fields(r) for r in split.example_rows(examples)] or [{}] * len(rows)
     return batch
 
 

@@ -5,7 +5,7 @@ is the whole training text; the prompt is not a target, the response is (for
 chat, every assistant turn). A classification example is ``(text, class id)``;
 a preference example is a prompt and two responses, each a segment list. A
 prompt example (online RL) is the prompt and its reference answer, the answer
-marked as the target.
+marked as the target, with the row's other fields for the reward functions.
 
 Chat rows are rendered with the tokenizer's chat template (or the built-in one
 named by ``data.chat_template``) one prefix at a time, so each turn's text is
@@ -53,7 +53,16 @@ class Pair:
     rejected: Segments
 
 
-Example = Segments | tuple[str, int] | Pair
+@dataclass(frozen=True)
+class PromptExample:
+    """An online-RL prompt: the prompt then its reference answer (the target), and the row's other fields
+    (ids, difficulty, test cases: whatever a reward function reads beside the prompt and the answer)."""
+
+    segments: Segments
+    fields: dict[str, Any]
+
+
+Example = Segments | tuple[str, int] | Pair | PromptExample
 
 
 class RowFormatter:
@@ -159,7 +168,7 @@ class RowFormatter:
         return Pair([(text, False)], *([(self._text(row, field, where) + self.eos, True)]
                                        for field in ("chosen", "rejected")))
 
-    def _prompt_row(self, row: dict, where: str) -> Segments:
+    def _prompt_row(self, row: dict, where: str) -> PromptExample:
         """Online RL: the prompt (text, or chat turns rendered with the generation prompt) and its reference
         answer, kept as the row's target so rollouts and evaluation recover both."""
         prompt = row.get(self.names["prompt"])
@@ -174,7 +183,9 @@ class RowFormatter:
         answer = row.get(self.names["answer"])
         if isinstance(answer, (int, float)) and not isinstance(answer, bool):
             answer = str(answer)  # a numeric answer in JSON
-        return [(text, False), (self._text({self.names["answer"]: answer}, "answer", where), True)]
+        segments = [(text, False), (self._text({self.names["answer"]: answer}, "answer", where), True)]
+        return PromptExample(segments, {k: v for k, v in row.items() if k not in (self.names["prompt"],
+                                                                                 self.names["answer"])})
 
     def _chat_reply(self, prompt: list[dict], row: dict, field: str, where: str) -> Segments:
         """Prompt turns then the reply, rendered by the chat template; only the reply is a target."""

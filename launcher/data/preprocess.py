@@ -32,13 +32,13 @@ import numpy as np
 
 from tunefleet.launcher.config import DataConfig, DataSource
 from tunefleet.launcher.data.batches import TokenizedSplit, cache_meta, concat
-from tunefleet.launcher.data.formats import Pair, RowFormatter
+from tunefleet.launcher.data.formats import Example, Pair, PromptExample, RowFormatter
 from tunefleet.launcher.data.packing import pack, packing_efficiency
 from tunefleet.launcher.data.sources import BadRow, Located, file_digest, read_source, source_digest
 from tunefleet.launcher.errors import DataError
 from tunefleet.launcher.model.inputs import IGNORE_INDEX
 
-CACHE_VERSION = "2"
+CACHE_VERSION = "3"  # 3: prompt rows keep their other fields
 CHUNK_ROWS = 2048
 NUM_NAMED_BAD_ROWS = 20  # errors and reports name this many bad rows, then give the count
 
@@ -96,18 +96,28 @@ def encode_chunk(formatter: RowFormatter, cfg: DataConfig, chunk: list[Located])
             counts.skipped += 1
             if len(counts.bad_rows) < NUM_NAMED_BAD_ROWS:
                 counts.bad_rows.append(str(exc))
-    groups = [[ex.prompt + ex.chosen, ex.prompt + ex.rejected] if isinstance(ex, Pair) else [ex] for ex in examples]
+    groups = [_sequences(example) for example in examples]
     encoded = iter(_encode([seq for group in groups for seq in group], formatter.tokenizer, cfg))
     rows, classes = [], [] if cfg.kind == "classification" else None
+    fields = [] if cfg.kind == "prompt" else None
     for example, group in zip(examples, groups, strict=True):
         fitted = _fit_to_length([next(encoded) for _ in group], cfg, counts)
         if fitted is not None:
             rows.extend(fitted)
             if classes is not None:
                 classes.append(example[1])
+            if fields is not None:
+                fields.append(json.dumps(example.fields, ensure_ascii=False, default=str))
     rows_per_example = 2 if cfg.kind == "preference" else 1
     counts.kept = len(rows) // rows_per_example
-    return _to_split(rows, classes, rows_per_example), counts
+    return _to_split(rows, classes, rows_per_example, fields), counts
+
+
+def _sequences(example: Example) -> list:
+    """What to tokenize for an example: its segment lists (a pair: both responses after the prompt)."""
+    if isinstance(example, Pair):
+        return [example.prompt + example.chosen, example.prompt + example.rejected]
+    return [example.segments if isinstance(example, PromptExample) else example]
 
 
 def _encode(sequences: list, tokenizer, cfg: DataConfig) -> list[tuple[list[int], list[int] | None]]:
@@ -145,14 +155,22 @@ def _fit_to_length(sequences: list, cfg: DataConfig, counts: Counts) -> list | N
     return sequences
 
 
-def _to_split(rows: list, classes: list[int] | None, rows_per_example: int) -> TokenizedSplit:
-    offsets = np.zeros(len(rows) + 1, dtype=np.int64)
-    np.cumsum([len(ids) for ids, _ in rows], out=offsets[1:])
+def _to_split(rows: list, classes: list[int] | None, rows_per_example: int,
+              fields: list[str] | None) -> TokenizedSplit:
     flat_ids = [t for ids, _ in rows for t in ids]
     labels = None if classes is not None else np.asarray([t for _, labs in rows for t in labs], np.int32)
-    return TokenizedSplit(np.asarray(flat_ids, np.int32), labels, offsets,
+    blobs = None if fields is None else [text.encode() for text in fields]
+    return TokenizedSplit(np.asarray(flat_ids, np.int32), labels, _offsets([len(ids) for ids, _ in rows]),
                           class_labels=None if classes is None else np.asarray(classes, np.int64),
-                          rows_per_example=rows_per_example)
+                          rows_per_example=rows_per_example,
+                          fields=None if blobs is None else np.frombuffer(b"".join(blobs), np.uint8).copy(),
+                          field_offsets=None if blobs is None else _offsets([len(blob) for blob in blobs]))
+
+
+def _offsets(lengths: list[int]) -> np.ndarray:
+    offsets = np.zeros(len(lengths) + 1, dtype=np.int64)
+    np.cumsum(lengths, out=offsets[1:])
+    return offsets
 
 
 _worker_state: tuple[RowFormatter, DataConfig] | None = None

@@ -5,6 +5,13 @@ from __future__ import annotations
 import torch
 
 IGNORE_INDEX = -100  # a label the loss skips (prompt and padding tokens), as Hugging Face models expect
+# A batch of prompt rows (online RL) also carries each row's other fields, as dicts, for the reward functions.
+ROW_FIELDS = "row_fields"
+
+
+def on_device(batch: dict, device: torch.device, *, non_blocking: bool = False) -> dict[str, torch.Tensor]:
+    """The batch's tensors on ``device``; the row fields stay behind (no model reads them)."""
+    return {k: v.to(device, non_blocking=non_blocking) for k, v in batch.items() if isinstance(v, torch.Tensor)}
 
 
 def model_inputs(batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:

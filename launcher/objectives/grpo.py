@@ -18,6 +18,7 @@ from __future__ import annotations
 import time
 from collections.abc import Mapping
 from dataclasses import dataclass, field
+from typing import Any
 
 import numpy as np
 import torch
@@ -26,7 +27,7 @@ import torch.distributed as dist
 from tunefleet.launcher import collectives
 from tunefleet.launcher.config import RlConfig
 from tunefleet.launcher.model import attention
-from tunefleet.launcher.model.inputs import IGNORE_INDEX
+from tunefleet.launcher.model.inputs import IGNORE_INDEX, ROW_FIELDS, on_device
 from tunefleet.launcher.objectives import policy_gradient as pg
 from tunefleet.launcher.objectives import sft
 from tunefleet.launcher.objectives.rl_rewards import WeightedRewards
@@ -34,7 +35,7 @@ from tunefleet.launcher.objectives.rollout import Rollout, rollout_seed
 from tunefleet.launcher.objectives.step import Batch, StepResult, accumulate
 from tunefleet.strategies.base import Strategy
 
-Row = Mapping[str, str]  # what a reward function sees of a prompt row: its `prompt` and `answer` text
+Row = Mapping[str, Any]  # what a reward function sees of a prompt row: `prompt`, `answer` text and its other fields
 
 
 @dataclass(frozen=True)
@@ -55,15 +56,18 @@ class PromptBatch:
 
 
 def prompts_of(micro_batches: list[Batch], tokenizer) -> PromptBatch:
-    """The prompt (non-target tokens before the answer) and answer text of every collated prompt row."""
+    """The prompt (non-target tokens before the answer) and answer text of every collated prompt row, beside
+    the row's other fields."""
     prompt_ids, rows, real = [], [], []
     for batch in micro_batches:
-        for ids, labels, mask in zip(batch["input_ids"], batch["labels"], batch["attention_mask"], strict=True):
+        fields = batch.get(ROW_FIELDS) or [{}] * len(batch["input_ids"])
+        for ids, labels, mask, others in zip(batch["input_ids"], batch["labels"], batch["attention_mask"], fields,
+                                             strict=True):
             ids, labels = ids[mask.bool()].tolist(), labels[mask.bool()].tolist()
             start = next((i for i, label in enumerate(labels) if label != IGNORE_INDEX), len(ids))
             prompt, answer = ids[:start] or ids[:1], [t for t in labels[start:] if t != IGNORE_INDEX]
             prompt_ids.append(prompt)
-            rows.append({"prompt": tokenizer.decode(prompt, skip_special_tokens=True),
+            rows.append({**others, "prompt": tokenizer.decode(prompt, skip_special_tokens=True),
                          "answer": tokenizer.decode(answer, skip_special_tokens=True)})
             real.append(bool(answer))
     return PromptBatch(prompt_ids, rows, real)
@@ -166,16 +170,16 @@ class Grpo:
             model = strategy.model
             model.eval()
             for batch in batches:
-                batch["old_logp"] = self.log_probs(model, _on(batch, device))[0].cpu()
+                batch["old_logp"] = self.log_probs(model, on_device(batch, device))[0].cpu()
 
     def reference_log_probs(self, strategy: Strategy, batch: Batch, device: torch.device) -> torch.Tensor:
         if self.reference is not None:
-            return self.log_probs(self.reference, _on(batch, device))[0]
+            return self.log_probs(self.reference, on_device(batch, device))[0]
         policy = strategy.unwrapped
         was_training = policy.training
         policy.eval()
         with policy.disable_adapter():
-            logp = self.log_probs(policy, _on(batch, device))[0]
+            logp = self.log_probs(policy, on_device(batch, device))[0]
         policy.train(was_training)
         return logp
 
@@ -247,6 +251,3 @@ def metric_name(reward_name: str) -> str:
     """A reward's key in the metrics: its function's name (``pkg.mod:score`` -> ``score``)."""
     return reward_name.rsplit(":", 1)[-1]
 
-
-def _on(batch: Batch, device: torch.device) -> Batch:
-    return {k: v.to(device) for k, v in batch.items()}

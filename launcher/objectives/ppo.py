@@ -22,7 +22,7 @@ import torch
 import torch.distributed as dist
 
 from tunefleet.launcher import collectives
-from tunefleet.launcher.model import value_head
+from tunefleet.launcher.model import inputs, value_head
 from tunefleet.launcher.objectives import policy_gradient as pg
 from tunefleet.launcher.objectives import value
 from tunefleet.launcher.objectives.grpo import (
@@ -87,13 +87,13 @@ class Ppo(Grpo):
         rl, model = self.rl, strategy.model
         for batch in batches:
             scores = batch.pop("scores").to(device)
-            on_device = {k: v.to(device) for k, v in batch.items()}
+            tensors = inputs.on_device(batch, device)
             if rl.kl_coef:
-                batch["ref_logp"] = self.reference_log_probs(strategy, on_device, device).cpu()
+                batch["ref_logp"] = self.reference_log_probs(strategy, tensors, device).cpu()
             model.eval()
-            logp = self.log_probs(model, on_device)[0]
+            logp = self.log_probs(model, tensors)[0]
             values = value_head.values(self.head)[:, :-1]
-            mask = pg.completion_mask(on_device["labels"])
+            mask = pg.completion_mask(tensors["labels"])
             rewards = value.reward_at_last_token(scores, mask)
             if rl.kl_coef:
                 rewards = rewards - rl.kl_coef * pg.kl_penalty(logp, batch["ref_logp"].to(device), rl.kl_estimator)

@@ -24,7 +24,7 @@ import torch.nn.functional as F
 
 from tunefleet.launcher import collectives
 from tunefleet.launcher.model import attention
-from tunefleet.launcher.model.inputs import IGNORE_INDEX
+from tunefleet.launcher.model.inputs import IGNORE_INDEX, on_device
 from tunefleet.launcher.objectives.step import StepResult, accumulate
 from tunefleet.strategies.base import Strategy
 
@@ -116,7 +116,7 @@ def pair_evaluate(strategy: Strategy, batches: list[dict[str, torch.Tensor]], de
     strategy.model.eval()
     totals = torch.zeros(6, dtype=torch.float64, device=device)
     for batch in batches:
-        batch = {k: v.to(device) for k, v in batch.items()}
+        batch = on_device(batch, device)
         loss, stats = pair_statistics(rewards(strategy.model, batch), batch)
         totals += torch.cat([loss.double().view(1), stats])
     return pair_metrics(pair_result(collectives.all_reduce(totals).tolist(), 0, 0, None))

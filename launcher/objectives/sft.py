@@ -14,7 +14,7 @@ import torch.nn.functional as F
 
 from tunefleet.launcher import collectives
 from tunefleet.launcher.model import attention
-from tunefleet.launcher.model.inputs import IGNORE_INDEX
+from tunefleet.launcher.model.inputs import IGNORE_INDEX, on_device
 from tunefleet.launcher.objectives.step import StepResult, accumulate
 from tunefleet.strategies.base import Strategy
 
@@ -69,7 +69,7 @@ def evaluate(strategy: Strategy, batches: list[dict[str, torch.Tensor]], device:
     model.eval()
     loss_sum, targets = 0.0, 0
     for batch in batches:
-        batch = {k: v.to(device) for k, v in batch.items()}
+        batch = on_device(batch, device)
         loss_sum += float(token_loss_sum(model, batch))
         targets += _count_targets(batch)
     total_loss, total_targets = _all_reduce_sum([loss_sum, targets], device)
@@ -91,7 +91,7 @@ def evaluate_classifier(strategy: Strategy, batches: list[dict[str, torch.Tensor
     loss_sum = torch.zeros(1, dtype=torch.float64, device=device)
     counts = torch.zeros(3, num_labels, dtype=torch.float64, device=device)
     for batch in batches:
-        batch = {k: v.to(device) for k, v in batch.items()}
+        batch = on_device(batch, device)
         logits = attention.forward(model, batch).logits.float()
         labels = batch["labels"]
         loss_sum += F.cross_entropy(logits, labels, ignore_index=IGNORE_INDEX, reduction="sum").double()

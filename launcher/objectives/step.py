@@ -17,6 +17,7 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 
+from tunefleet.launcher.model.inputs import on_device
 from tunefleet.strategies.base import Strategy
 
 Batch = dict[str, torch.Tensor]
@@ -45,7 +46,7 @@ def accumulate(strategy: Strategy, micro_batches: list[Batch], device: torch.dev
     totals = torch.zeros((), dtype=torch.float64, device=device)
     strategy.model.train()
     for index, batch in enumerate(micro_batches):
-        batch = {k: v.to(device, non_blocking=True) for k, v in batch.items()}
+        batch = on_device(batch, device, non_blocking=True)
         with strategy.no_sync(index < len(micro_batches) - 1):
             loss, stats = micro_loss(strategy.model, batch)
             strategy.backward(loss * scale)

@@ -55,7 +55,9 @@ def reward_problems(recipe: Recipe) -> list[Problem]:
     row = {"prompt": "", "answer": ""}
     if source.path is not None:
         first = next((r for _, r in sources.read_source(source) if isinstance(r, dict)), {})
-        row = {name: _as_text(first.get(source.fields.get(name, name))) for name in row}
+        names = {name: source.fields.get(name, name) for name in row}  # as the reward sees it: its other fields too
+        row = {**{k: v for k, v in first.items() if k not in names.values()},
+               **{name: _as_text(first.get(field)) for name, field in names.items()}}
     try:
         check_rewards(reward_specs(recipe.method.rl), row, prompt=row["prompt"])
     except RewardError as exc:

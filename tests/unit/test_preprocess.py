@@ -19,6 +19,8 @@ from tunefleet.launcher.data import batches, preprocess, tiny_data
 from tunefleet.launcher.errors import DataError
 from tunefleet.launcher.model.inputs import IGNORE_INDEX
 from tunefleet.launcher.model.tiny import ensure_tiny_model
+from tunefleet.launcher.objectives import grpo
+from tunefleet.launcher.objectives.rl_rewards import RewardSpec, WeightedRewards
 from tunefleet.launcher.plan.layout import make_plan
 from tunefleet.launcher.run.console import LaunchConsole
 
@@ -208,3 +210,46 @@ def test_shipped_preference_and_classification_sets_regenerate_byte_for_byte(tmp
         assert path.read_bytes() == shipped.read_bytes(), f"regenerate {shipped}"
     pairs = [json.loads(line) for line in (tmp_path / "preference/train.jsonl").read_text().splitlines()]
     assert len(pairs) == 1000 and all(p["chosen"] != p["rejected"] for p in pairs)
+
+
+def bonus(prompt, completion, row):
+    return row["bonus"]
+
+
+def test_prompt_rows_keep_their_other_fields_for_the_rewards(tokenizer, tokenizer_dir, tmp_path):
+    """A prompt row's other fields (any JSON) reach the reward functions beside its prompt and answer text,
+    through hold-out, mixing two sources, the memory-mapped cache and collation; rows dropped or skipped on
+    the way shift nothing."""
+    rows = [{"id": f"q{i}", "question": f"What is {i} plus 1?", "answer": i + 1, "bonus": i / 10,
+             "meta": {"tests": [i, "ü"]}} for i in range(30)]
+    rows.insert(5, {"id": "long", "question": "x " * 200, "answer": 0, "bonus": -1.0})  # overlong: dropped
+    rows.insert(9, {"id": "bad", "answer": 3, "bonus": -1.0})  # no question: skipped
+    first = tmp_path / "first.jsonl"
+    first.write_text("".join(json.dumps(row) + "\n" for row in rows))
+    second = tmp_path / "second.jsonl"
+    second.write_text("".join(json.dumps({"prompt": f"Name {i}.", "answer": 100 + i, "bonus": 9.0, "id": f"s{i}"})
+                              + "\n" for i in range(10)))
+    folder = prepare(tmp_path, tokenizer, tokenizer_dir,
+                     DataSource(path=str(first), format="prompt", fields={"prompt": "question"}, weight=1.5),
+                     DataSource(path=str(second), format="prompt"),
+                     eval={"fraction": 0.2}, overlong="drop", on_bad_row="skip")
+    rewards = WeightedRewards.from_specs([RewardSpec(f"{__name__}:bonus"), RewardSpec("numeric_match")])
+    seen = []
+    for name, expected_rows in (("train", 36 + 8), ("eval", 6 + 2)):
+        split = batches.open_split(folder, name)
+        batch = batches.collate(split, range(split.num_examples), tokenizer.pad_token_id)
+        prompts = grpo.prompts_of([batch], tokenizer)
+        assert len(prompts.rows) == expected_rows and all(prompts.real)
+        for row in prompts.rows:
+            i = int(row["id"][1:])
+            if row["id"].startswith("q"):
+                assert row == {"id": f"q{i}", "prompt": f"What is {i} plus 1?", "answer": str(i + 1),
+                               "bonus": i / 10, "meta": {"tests": [i, "ü"]}}
+            else:
+                assert row == {"id": f"s{i}", "prompt": f"Name {i}.", "answer": str(100 + i), "bonus": 9.0}
+        scores = rewards.score([row["prompt"] for row in prompts.rows], [row["answer"] for row in prompts.rows],
+                               prompts.rows)
+        assert scores.per_reward[f"{__name__}:bonus"] == [row["bonus"] for row in prompts.rows]
+        assert scores.per_reward["numeric_match"] == [1.0] * expected_rows
+        seen += [row["id"] for row in prompts.rows]
+    assert {"long", "bad"}.isdisjoint(seen) and len(set(seen)) == 30 + 10

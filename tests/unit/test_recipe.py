@@ -258,6 +258,21 @@ def test_grpo_reward_problems_stop_the_launch_with_the_key(tmp_path):
     assert "the row has no field 'missing'" in where["method.rl.reward"]
 
 
+def test_a_reward_reading_a_row_field_is_checked_on_the_first_row(tmp_path, monkeypatch):
+    """The pre-launch check hands a user reward the first row's other fields, as training does."""
+    (tmp_path / "level_rewards.py").write_text("def by_level(prompt, completion, row):\n    return row['level']\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    data = tmp_path / "prompts.jsonl"
+    data.write_text(json.dumps({"q": "2+2?", "answer": 4, "level": 0.5, "id": "r1"}) + "\n")
+    overrides = [f"data.sources=[{{path: {data}, format: prompt, fields: {{prompt: q}}}}]",
+                 "method.rl.reward=[level_rewards:by_level]"]
+    check_recipe(load_recipe(GRPO, overrides), str(GRPO))
+    data.write_text(json.dumps({"q": "2+2?", "answer": 4, "id": "r1"}) + "\n")
+    where = problems_of(GRPO, *overrides)
+    assert where["method.rl.reward"].startswith("reward 'level_rewards:by_level' raised KeyError: 'level' on row 0 "
+                                                "(id 'r1')"), where
+
+
 def test_ppo_settings_are_checked_and_named():
     recipe = load_recipe(PPO, ["method.rl.group_size=1"])
     assert recipe.method.online_rl and recipe.method.rl.group_size == 1 and recipe.method.rl.kl_estimator == "k1"

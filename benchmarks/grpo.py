@@ -2,7 +2,7 @@
 rollouts (generation, rewards, the reference's log-probabilities) against the optimizer updates, per step,
 on the shipped capitals pipeline (60 SFT steps, then GRPO); and the held-out exact match it reaches.
 
-    python benchmarks/grpo.py [--seeds 0 1 2] [--out docs/benchmarks/grpo.json]
+    python benchmarks/grpo.py [--seeds 0 1 2] [--out docs/benchmarks/grpo.json] [--allow-busy]
 
 Prints a markdown table; the JSON keeps every seed's per-step figures. The code under test is copied when the
 benchmark starts (see frozen.py).
@@ -17,9 +17,11 @@ import statistics
 import subprocess
 import sys
 import tempfile
+from datetime import UTC, datetime
 from pathlib import Path
 
-from frozen import freeze_code, provenance
+from frozen import freeze_code, load_avg, provenance
+from harness import require_quiet
 
 REPO = Path(__file__).resolve().parents[1]
 TUNEFLEET = str(Path(sys.executable).parent / "tunefleet")
@@ -53,7 +55,9 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     parser.add_argument("--out", type=Path, default=REPO / "docs" / "benchmarks" / "grpo.json")
+    parser.add_argument("--allow-busy", action="store_true", help="Run on a busy machine (the result says so).")
     args = parser.parse_args()
+    quiet = require_quiet(args.allow_busy)
     with tempfile.TemporaryDirectory() as tmp:
         work = Path(tmp)
         recipes, digest = freeze_code(work)
@@ -68,7 +72,9 @@ def main() -> None:
               f"{r['reward_mean_last10']:.3f} | {r['kl_last10']:.3f} | {r['rollout_s_median']:.3f} | "
               f"{r['optimize_s_median']:.3f} | {r['rollout_share']:.0%} |")
     args.out.parent.mkdir(parents=True, exist_ok=True)
-    record = {**provenance(digest), "command": "python benchmarks/grpo.py", "sft_steps": SFT_STEPS, "runs": results}
+    record = {**provenance(digest), "command": "python benchmarks/grpo.py", "sft_steps": SFT_STEPS,
+              "machine": {"date": datetime.now(UTC).isoformat(timespec="seconds"), "start": quiet,
+                          "load_avg_end": load_avg()}, "runs": results}
     args.out.write_text(json.dumps(record, indent=2))
 
 

@@ -34,6 +34,8 @@ BENCHMARKS: dict[str, tuple[list[str], str]] = {
                         "recovery time after a SIGKILL, steps recomputed, checkpoint stall sync vs async"),
     "data_pipeline": (["--launch", "--pairs", "2", "--steps", "40"],
                       "tokenization rows/s, packing efficiency, training tokens/s with vs without packing"),
+    "embedded_ray": (["--pairs", "3", "--steps", "40"],
+                     "the embedded Ray with vs without its dashboard: time to first step, tokens/s, ranks' CPU"),
     "grpo": (["--seeds", "0", "1", "2"],
              "GRPO on the capitals pipeline: rollout vs optimisation time per step, held-out exact match gain"),
 }

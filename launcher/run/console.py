@@ -44,7 +44,7 @@ class LaunchConsole:
         self.console = Console(file=open(os.dup(1), "w", buffering=1), force_terminal=terminal or None,  # noqa: SIM115
                                width=width)
 
-    def header(self, job, reason: str, data_meta: dict) -> None:
+    def header(self, job, reason: str, data_meta: dict, *, dashboard: str | None = None) -> None:
         recipe, plan = job.recipe, job.strategy_plan
         self.max_restarts = recipe.fault_tolerance.max_restarts
         packed = (f"; packed into {data_meta['max_seq_len']}-token rows, {data_meta['packing_efficiency']:.1%} "
@@ -58,7 +58,7 @@ class LaunchConsole:
             f"{packed}\n"
             f"  global batch {plan.global_batch_rows} rows "
             f"(micro {plan.micro_batch_size} x accum {plan.grad_accum_steps} x {plan.world_size} workers)\n"
-            f"  output: {recipe.output_dir}"
+            f"  output: {recipe.output_dir}" + (f"\n  Ray dashboard: {dashboard}" if dashboard else "")
         )
         for line in skipped_lines(data_meta) if self.enabled else []:
             self.console.print(f"  {line}", highlight=False, soft_wrap=True, markup=False)

@@ -182,7 +182,7 @@ def _launch_on_ray(recipe: Recipe, plan: LaunchPlan, console: LaunchConsole, *,
     import ray
     from ray.util.queue import Queue
 
-    session.connect(recipe, address)
+    dashboard = session.connect(recipe, address)
     phases = {"launch": started, "ray_ready": time.time()}
     try:
         job, reason = prepare_job(recipe, plan, resume)
@@ -192,8 +192,8 @@ def _launch_on_ray(recipe: Recipe, plan: LaunchPlan, console: LaunchConsole, *,
         (output_dir / STARTUP_FILE).unlink(missing_ok=True)  # this launch's phases only
         (output_dir / RESOLVED_RECIPE).write_text(_resolved_yaml(recipe, job, reason))
         folders.record_state(output_dir, "running", name=recipe.name, max_steps=recipe.train.max_steps,
-                          checkpoint_dir=recipe.checkpoint_dir)
-        console.header(job, reason, batches.cache_meta(Path(job.data_dir)))
+                             checkpoint_dir=recipe.checkpoint_dir, ray_dashboard=dashboard)
+        console.header(job, reason, batches.cache_meta(Path(job.data_dir)), dashboard=dashboard)
         on_head = {"num_cpus": 0, "scheduling_strategy": session.head_node_affinity()}
         queue = Queue(maxsize=10_000, actor_options=on_head)
         control = Control.options(**on_head).remote()
@@ -210,7 +210,7 @@ def _launch_on_ray(recipe: Recipe, plan: LaunchPlan, console: LaunchConsole, *,
                 tracker.handle(events)
                 if not alive:
                     break
-                time.sleep(0.2)
+                time.sleep(0.5)  # each poll is two calls to the queue actor: CPU the ranks do not get
         if failure:
             folders.record_state(output_dir, "failed")
             tracker.finish({"state": "failed"})

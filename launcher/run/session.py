@@ -37,17 +37,27 @@ def worker_env(recipe: Recipe) -> dict[str, str]:
     return env
 
 
-def connect(recipe: Recipe, address: str | None) -> None:
+def connect(recipe: Recipe, address: str | None) -> str | None:
+    """Join the cluster at ``address`` or start the embedded local Ray; the Ray dashboard's URL, if it has one."""
     import ray
 
     if address:
-        ray.init(address=address, logging_level="WARNING", log_to_driver=True)
-        return
+        context = ray.init(address=address, logging_level="WARNING", log_to_driver=True)
+        return dashboard_url(context)
     needed = recipe.parallelism.world_size * recipe.parallelism.cpus_per_worker
     # Ray starts worker processes at nice 15 to keep its daemons responsive; training ranks would then yield
     # the CPU to every other process on the node. Ray's own job submission sets 0 for its jobs, as here.
     os.environ.setdefault("RAY_worker_niceness", "0")
-    ray.init(num_cpus=max(os.cpu_count() or 1, needed), logging_level="WARNING")
+    # Without the dashboard (cluster.dashboard) ray.init takes 2.5 s instead of 3.5-4.8 s here (2 cores), and its
+    # nine head modules do not compete with the ranks (docs/benchmarks.md).
+    context = ray.init(num_cpus=max(os.cpu_count() or 1, needed), logging_level="WARNING",
+                       include_dashboard=recipe.cluster.dashboard)
+    return dashboard_url(context)
+
+
+def dashboard_url(context) -> str | None:
+    url = getattr(context, "dashboard_url", None)
+    return (url if "://" in url else f"http://{url}") if url else None
 
 
 def secret_store():

@@ -72,8 +72,11 @@ def test_lora_on_embedded_ray(tmp_path):
     from transformers import AutoModelForCausalLM
 
     out = tmp_path / "lora"
-    launch(LORA, out, "--set=logging.wandb.mode=offline")
+    result = launch(LORA, out, "--set=logging.wandb.mode=offline")
     check_run(out)
+    # Started without Ray's dashboard unless cluster.dashboard asks for it (test_secrets.py turns it on).
+    assert json.loads((out / "run.json").read_text())["ray_dashboard"] is None
+    assert "Ray dashboard" not in result.stdout
     assert len(list((out / "wandb").glob("offline-run-*"))) == 1
     final = out / "final"
     assert (final / "adapter_config.json").is_file() and (final / "adapter_model.safetensors").is_file()

@@ -43,8 +43,13 @@ def test_embedded_launch_keeps_secrets_off_disk_and_gives_them_to_workers(tmp_pa
     secrets = planted()
     ray_tmp = Path(tempfile.mkdtemp(prefix="tfr", dir="/tmp"))  # short: Ray's socket paths have a length limit
     try:
-        result = launch(FULL, tmp_path / "run", *QUICK, env={**secrets, "RAY_TMPDIR": str(ray_tmp)})
+        # With the dashboard on, so that its logs are searched for the secrets too.
+        result = launch(FULL, tmp_path / "run", *QUICK, "--set=cluster.dashboard=true",
+                        env={**secrets, "RAY_TMPDIR": str(ray_tmp)})
         assert list(ray_tmp.rglob("runtime_env_agent.log")), "the Ray session did not use RAY_TMPDIR"
+        assert list(ray_tmp.rglob("dashboard.log")), "cluster.dashboard: true started no dashboard"
+        url = json.loads((tmp_path / "run" / "run.json").read_text())["ray_dashboard"]
+        assert url.startswith("http://") and f"Ray dashboard: {url}" in result.stdout
         leaks = files_holding([ray_tmp, tmp_path / "run"], list(secrets.values()))
         leaks += [f"console: {name}" for name, value in secrets.items() if value in result.stdout + result.stderr]
         assert not leaks

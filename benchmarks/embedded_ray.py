@@ -16,6 +16,7 @@ import sys
 import tempfile
 from pathlib import Path
 
+import peers
 from frozen import freeze_code, provenance
 from harness import BIN, REPO, Run, cell, machine, median, ratio, require_quiet, run_logged
 
@@ -23,14 +24,10 @@ SIDES = ("dashboard", "no dashboard")
 
 
 def overrides(output_dir: Path, steps: int, dashboard: bool) -> list[str]:
-    return [f"--set={o}" for o in (
-        f"output_dir={output_dir}", f"cluster.dashboard={str(dashboard).lower()}", "model.path=tiny:llama-20m",
-        "data.max_seq_len=128", "data.packing=true", f"train.max_steps={steps}", "train.micro_batch_size=4",
-        "train.grad_accum_steps=1", "train.warmup_steps=0", "train.eval_every_steps=null", "data.eval=null",
-        "checkpoint.every_steps=null", "checkpoint.export_final=false", "logging.every_steps=1",
-        "logging.wandb.mode=disabled", "parallelism.strategy=ddp", "parallelism.workers_per_node=2",
-        "fault_tolerance.max_restarts=0",
-    )]
+    """The peers benchmark's tunefleet-ddp settings (packed rows, no warm-up) with the dashboard on or off."""
+    settings = argparse.Namespace(model="tiny:llama-20m", seq_len=128, steps=steps, micro_batch=4)
+    chosen = [*peers.overrides(settings, output_dir), f"cluster.dashboard={str(dashboard).lower()}"]
+    return [f"--set={o}" for o in chosen]
 
 
 def run(recipe: Path, side: str, pair: int, steps: int, work: Path) -> dict:

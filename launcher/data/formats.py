@@ -65,10 +65,18 @@ class PromptExample:
 Example = Segments | tuple[str, int] | Pair | PromptExample
 
 
+def other_fields(row: dict, source: DataSource) -> dict[str, Any]:
+    """A prompt row's fields besides its prompt and answer (named through ``source.fields``): what a reward
+    function reads beside those two."""
+    skip = {source.fields.get(name, name) for name in ("prompt", "answer")}
+    return {k: v for k, v in row.items() if k not in skip}
+
+
 class RowFormatter:
     """Turns rows of one source into examples; picklable, so tokenizing processes can share it."""
 
     def __init__(self, source: DataSource, cfg: DataConfig, tokenizer):
+        self.source = source
         self.format = source.format
         self.names = {field: source.fields.get(field, field) for field in FORMAT_FIELDS[source.format]}
         # How hints name the source; the eval file (data.eval.path) is read like the first source.
@@ -184,8 +192,7 @@ class RowFormatter:
         if isinstance(answer, (int, float)) and not isinstance(answer, bool):
             answer = str(answer)  # a numeric answer in JSON
         segments = [(text, False), (self._text({self.names["answer"]: answer}, "answer", where), True)]
-        return PromptExample(segments, {k: v for k, v in row.items() if k not in (self.names["prompt"],
-                                                                                 self.names["answer"])})
+        return PromptExample(segments, other_fields(row, self.source))
 
     def _chat_reply(self, prompt: list[dict], row: dict, field: str, where: str) -> Segments:
         """Prompt turns then the reply, rendered by the chat template; only the reply is a target."""

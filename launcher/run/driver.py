@@ -20,7 +20,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from tunefleet.launcher.config import RESOLVED_RECIPE, Recipe
-from tunefleet.launcher.data import batches, sources
+from tunefleet.launcher.data import batches, formats, sources
 from tunefleet.launcher.errors import PreflightError, Problem, RecipeError, TrainingFailed, UserError
 from tunefleet.launcher.model import modeling
 from tunefleet.launcher.objectives.rl_rewards import RewardError, check_rewards
@@ -55,9 +55,8 @@ def reward_problems(recipe: Recipe) -> list[Problem]:
     row = {"prompt": "", "answer": ""}
     if source.path is not None:
         first = next((r for _, r in sources.read_source(source) if isinstance(r, dict)), {})
-        names = {name: source.fields.get(name, name) for name in row}  # as the reward sees it: its other fields too
-        row = {**{k: v for k, v in first.items() if k not in names.values()},
-               **{name: _as_text(first.get(field)) for name, field in names.items()}}
+        row = {**formats.other_fields(first, source),  # as a reward sees the row in training
+               **{name: _as_text(first.get(source.fields.get(name, name))) for name in row}}
     try:
         check_rewards(reward_specs(recipe.method.rl), row, prompt=row["prompt"])
     except RewardError as exc:

@@ -13,6 +13,15 @@ from tunefleet.launcher.training import secrets
 from tunefleet.launcher.training.loop import Job
 from tunefleet.strategies.compat import deepspeed_env
 
+# An embedded Ray without a dashboard: nothing reads its metrics, task events or event-loop statistics, no
+# idle workers need prestarting for later tasks, and one machine is never preempted. Each of these costs every
+# Ray process a timer; together they took 0.03 of the 0.14 core Ray used beside two CPU ranks (+3% tokens/s,
+# docs/benchmarks.md). A user's own setting of any of them wins.
+QUIET_EMBEDDED_RAY = {
+    "RAY_enable_metrics_collection": "0", "RAY_task_events_report_interval_ms": "0", "RAY_event_stats": "0",
+    "RAY_prestart_worker_first_driver": "0", "RAY_enable_worker_prestart": "0",
+    "RAY_TRAIN_ENABLE_PREEMPTION_WATCHER": "0", "RAY_TRAIN_METRICS_ENABLED": "0",
+}
 FORWARDED_ENV = ("TUNEFLEET_", "WANDB_", "HF_", "TRANSFORMERS_", "TORCH_EXTENSIONS_DIR", "RAY_TRAIN_", "DS_")
 
 
@@ -37,6 +46,13 @@ def worker_env(recipe: Recipe) -> dict[str, str]:
     return env
 
 
+def quiet_ray_env(recipe: Recipe, environ) -> dict[str, str]:
+    """The QUIET_EMBEDDED_RAY settings an embedded Ray gets: none with the dashboard on, none the user set."""
+    if recipe.cluster.dashboard:
+        return {}
+    return {name: value for name, value in QUIET_EMBEDDED_RAY.items() if name not in environ}
+
+
 def connect(recipe: Recipe, address: str | None) -> str | None:
     """Join the cluster at ``address`` or start the embedded local Ray; the Ray dashboard's URL, if it has one."""
     import ray
@@ -50,6 +66,7 @@ def connect(recipe: Recipe, address: str | None) -> str | None:
     os.environ.setdefault("RAY_worker_niceness", "0")
     # Without the dashboard (cluster.dashboard) ray.init takes 2.5 s instead of 3.5-4.8 s here (2 cores), and its
     # nine head modules do not compete with the ranks (docs/benchmarks.md).
+    os.environ.update(quiet_ray_env(recipe, os.environ))
     context = ray.init(num_cpus=max(os.cpu_count() or 1, needed), logging_level="WARNING",
                        include_dashboard=recipe.cluster.dashboard)
     return dashboard_url(context)
@@ -72,12 +89,12 @@ def worker_group(job: Job, queue, control, *, loop=None, name: str | None = None
     from ray.train.torch import TorchConfig, TorchTrainer
 
     from tunefleet.launcher.run.controller import FailureReporter
-    from tunefleet.launcher.training.worker import train_loop_per_worker
+    from tunefleet.launcher.training.worker import pack_job, train_loop_per_worker
 
     recipe, par = job.recipe, job.recipe.parallelism
     return TorchTrainer(
         loop or train_loop_per_worker,
-        train_loop_config={"job": job, "queue": queue, "control": control,
+        train_loop_config={"job": pack_job(job), "queue": queue, "control": control,
                            "secrets": secret_store},
         torch_config=TorchConfig(backend=process_group_backend(par.use_gpu), timeout_s=par.collective_timeout_s),
         scaling_config=ScalingConfig(

@@ -1,6 +1,12 @@
 """The functions Ray Train runs on every worker: quiet the libraries, then hand over to the training loop
 (`tunefleet launch`), or to one evaluation with the loop's setup (`tunefleet eval`). Rank 0 sends the result
-to the driver."""
+to the driver.
+
+Ray Train's controller unpickles these functions and their config before any worker exists, on the one
+critical path of a launch. So this module imports nothing heavy at its top, and the job travels as bytes
+(`pack_job`) that only the workers open: unpickling a `Job` imports the loop, torch and transformers, which
+cost the controller 3 s of CPU before it started a single worker (docs/benchmarks.md, time to first step).
+"""
 
 from __future__ import annotations
 
@@ -8,12 +14,20 @@ import logging
 import os
 import socket
 
-import ray
-import ray.train
-
 from tunefleet.launcher.training import failures, secrets
-from tunefleet.launcher.training.loop import Job, TrainLoop, evaluate_exported
-from tunefleet.launcher.training.metrics import Reporter
+
+
+def pack_job(job) -> bytes:
+    """Driver: the job (a `loop.Job` or `loop.EvalJob`) as bytes for ``train_loop_config``."""
+    import ray.cloudpickle
+
+    return ray.cloudpickle.dumps(job)
+
+
+def unpack_job(blob: bytes):
+    import ray.cloudpickle
+
+    return ray.cloudpickle.loads(blob)
 
 
 def quiet_libraries() -> None:
@@ -26,9 +40,15 @@ def quiet_libraries() -> None:
 
 
 def train_loop_per_worker(config: dict) -> None:
+    import ray
+    import ray.train
+
+    from tunefleet.launcher.training.loop import TrainLoop
+    from tunefleet.launcher.training.metrics import Reporter
+
     secrets.install(config.get("secrets"))
     quiet_libraries()
-    job: Job = config["job"]
+    job = unpack_job(config["job"])
     rank = ray.train.get_context().get_world_rank()
     reporter = Reporter(enabled=rank == 0, output_dir=job.recipe.output_dir, queue=config.get("queue"))
     node_id = ray.get_runtime_context().get_node_id()
@@ -39,10 +59,14 @@ def train_loop_per_worker(config: dict) -> None:
 
 
 def eval_loop_per_worker(config: dict) -> None:
-    """`tunefleet eval`: evaluate the exported model once (``config["job"]``, an EvalJob); rank 0 sends the
-    figures back."""
+    """`tunefleet eval`: evaluate the exported model once (``config["job"]``, a packed EvalJob); rank 0 sends
+    the figures back."""
+    import ray.train
+
+    from tunefleet.launcher.training.loop import evaluate_exported
+
     secrets.install(config.get("secrets"))
     quiet_libraries()
-    row = evaluate_exported(config["job"])
+    row = evaluate_exported(unpack_job(config["job"]))
     if ray.train.get_context().get_world_rank() == 0:
         config["queue"].put({"event": "finish", "metrics": row})

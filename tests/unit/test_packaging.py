@@ -238,3 +238,31 @@ def test_the_layering_check_catches_a_forbidden_import():
     assert "data/ may not import run/" in found and "data/ runs without Ray" in found
     assert "a private name of another module" in found and "strategies/ knows nothing of Ray" in found
     assert ["tunefleet.launcher.model.inputs", "tunefleet.launcher.model.tiny"] in import_cycles(planted)
+
+
+def test_ray_trains_controller_opens_no_heavy_module():
+    """Ray Train's controller unpickles the worker function and its config before any worker starts; neither may
+    pull in torch or transformers there (3 s of CPU on the launch's critical path). The job travels as bytes
+    that only a worker opens, and opens to the same job."""
+    code = (
+        "import pickle, sys\n"
+        "import ray.cloudpickle as cp\n"
+        "from tunefleet.launcher.training import worker\n"
+        "fn = cp.loads(cp.dumps(worker.train_loop_per_worker))\n"
+        "blob = cp.loads(cp.dumps({'job': sys.argv[1].encode()}))\n"
+        "heavy = sorted(m for m in ('torch', 'transformers', 'tunefleet.launcher.training.loop') if m in sys.modules)\n"
+        "assert not heavy, heavy\n"
+        "print('ok')\n"
+    )
+    result = subprocess.run([sys.executable, "-c", code, "x"], capture_output=True, text=True, cwd=REPO)
+    assert result.returncode == 0 and "ok" in result.stdout, result.stderr
+
+
+def test_a_packed_job_opens_to_the_same_recipe(tmp_path):
+    from tunefleet.launcher.config import load_recipe
+    from tunefleet.launcher.training.worker import pack_job, unpack_job
+
+    recipe = load_recipe(REPO / "recipes" / "tiny" / "llama-full-ddp.yaml", [f"output_dir={tmp_path}"])
+    packed = pack_job(recipe)
+    assert isinstance(packed, bytes)
+    assert unpack_job(packed) == recipe

@@ -15,8 +15,8 @@ from tunefleet.strategies.compat import deepspeed_env
 
 # An embedded Ray without a dashboard: nothing reads its metrics, task events or event-loop statistics, no
 # idle workers need prestarting for later tasks, and one machine is never preempted. Each of these costs every
-# Ray process a timer; together they took 0.03 of the 0.14 core Ray used beside two CPU ranks (+3% tokens/s,
-# docs/benchmarks.md). A user's own setting of any of them wins.
+# Ray process a timer; together they took 0.03 of the 0.14 core Ray used beside two CPU ranks (+3% tokens/s in
+# alternating pairs of tiny:llama-20m launches). A user's own setting of any of them wins.
 QUIET_EMBEDDED_RAY = {
     "RAY_enable_metrics_collection": "0", "RAY_task_events_report_interval_ms": "0", "RAY_event_stats": "0",
     "RAY_prestart_worker_first_driver": "0", "RAY_enable_worker_prestart": "0",

@@ -5,7 +5,7 @@ to the driver.
 Ray Train's controller unpickles these functions and their config before any worker exists, on the one
 critical path of a launch. So this module imports nothing heavy at its top, and the job travels as bytes
 (`pack_job`) that only the workers open: unpickling a `Job` imports the loop, torch and transformers, which
-cost the controller 3 s of CPU before it started a single worker (docs/benchmarks.md, time to first step).
+cost the controller 3 s of CPU before it started a single worker (py-spy of a 2-worker CPU launch).
 """
 
 from __future__ import annotations
@@ -14,19 +14,21 @@ import logging
 import os
 import socket
 
+import ray
+import ray.cloudpickle
+import ray.train
+
 from tunefleet.launcher.training import failures, secrets
+from tunefleet.launcher.training.metrics import Reporter
 
 
 def pack_job(job) -> bytes:
     """Driver: the job (a `loop.Job` or `loop.EvalJob`) as bytes for ``train_loop_config``."""
-    import ray.cloudpickle
-
     return ray.cloudpickle.dumps(job)
 
 
 def unpack_job(blob: bytes):
-    import ray.cloudpickle
-
+    """Worker: the job `pack_job` packed; imports the loop, torch and transformers."""
     return ray.cloudpickle.loads(blob)
 
 
@@ -40,11 +42,7 @@ def quiet_libraries() -> None:
 
 
 def train_loop_per_worker(config: dict) -> None:
-    import ray
-    import ray.train
-
     from tunefleet.launcher.training.loop import TrainLoop
-    from tunefleet.launcher.training.metrics import Reporter
 
     secrets.install(config.get("secrets"))
     quiet_libraries()
@@ -61,8 +59,6 @@ def train_loop_per_worker(config: dict) -> None:
 def eval_loop_per_worker(config: dict) -> None:
     """`tunefleet eval`: evaluate the exported model once (``config["job"]``, a packed EvalJob); rank 0 sends
     the figures back."""
-    import ray.train
-
     from tunefleet.launcher.training.loop import evaluate_exported
 
     secrets.install(config.get("secrets"))

@@ -21,3 +21,34 @@ def test_the_users_settings_and_the_dashboard_win(tmp_path):
     assert "RAY_enable_metrics_collection" not in chosen and len(chosen) == len(QUIET_EMBEDDED_RAY) - 1
     with_dashboard = load_recipe(RECIPE, [f"output_dir={tmp_path}", "cluster.dashboard=true"])
     assert quiet_ray_env(with_dashboard, {}) == {}
+
+
+def test_without_a_state_api_the_trainer_leaves_out_the_placement_group_cleaner():
+    """Ray Train's cleaner asks the State API every second; a Ray without a dashboard has none (trainer_class).
+    If Ray renames the cleaner or the hook, the first assertion says so."""
+    from ray.train import ScalingConfig
+
+    from tunefleet.launcher.run.session import trainer_class
+
+    def callbacks(state_api: bool) -> list[str]:
+        trainer = trainer_class(state_api)(lambda config: None, scaling_config=ScalingConfig(num_workers=1))
+        return [type(c).__name__ for c in trainer._create_default_callbacks()]
+
+    with_api, without = callbacks(True), callbacks(False)
+    assert "PlacementGroupCleanerCallback" in with_api
+    assert without == [name for name in with_api if name != "PlacementGroupCleanerCallback"]
+
+
+def test_a_module_preloaded_in_the_background_is_imported_and_a_failure_left_to_the_real_import(tmp_path, monkeypatch):
+    import sys
+
+    from tunefleet.launcher.run.session import preload_in_background
+
+    (tmp_path / "tf_preloaded_probe.py").write_text("VALUE = 1\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    monkeypatch.delitem(sys.modules, "tf_preloaded_probe", raising=False)
+    preload_in_background("tf_preloaded_probe").join(timeout=30)
+    assert sys.modules["tf_preloaded_probe"].VALUE == 1
+    # A module that cannot be imported leaves no trace on the thread; the real import raises where it is used.
+    preload_in_background("tf_no_such_module_here").join(timeout=30)
+    assert "tf_no_such_module_here" not in sys.modules

@@ -130,7 +130,7 @@ def plot(result: dict, out_dir: Path) -> dict[str, str]:
 
 
 def render(result: dict | None, images: dict[str, str], raw_files: list[dict], gpu: dict | None = None,
-           quiet: dict | None = None) -> str:
+           quiet: dict | None = None, ray_floor: dict | None = None) -> str:
     env = jinja2.Environment(loader=jinja2.FileSystemLoader(TEMPLATE.parent), undefined=jinja2.StrictUndefined,
                              keep_trailing_newline=True, trim_blocks=True, lstrip_blocks=True)
     env.filters["mib"] = lambda b: cell("{:,.0f}", None if b is None else b / MIB)
@@ -142,7 +142,7 @@ def render(result: dict | None, images: dict[str, str], raw_files: list[dict], g
         peers=result, rows=table_rows(result) if result else [], targets=targets(result) if result else [],
         images=images, labels=LABELS, raw_files=raw_files, other_cores=other_cores,
         gpu=gpu, gpu_table=gpu_markdown(gpu) if gpu else "", quiet=quiet, quiet_rows=table_rows(quiet) if quiet else [],
-        quiet_targets=targets(quiet) if quiet else [])
+        quiet_targets=targets(quiet) if quiet else [], ray_floor=ray_floor)
 
 
 def raw_files(json_dir: Path) -> list[dict]:
@@ -168,7 +168,9 @@ def main(argv: list[str] | None = None) -> None:
     gpu_json, quiet_json = args.json_dir / "gpu.json", args.json_dir / "peers_quiet.json"
     gpu = json.loads(gpu_json.read_text()) if gpu_json.is_file() else None
     quiet = json.loads(quiet_json.read_text()) if quiet_json.is_file() else None
-    args.out.write_text(render(result, images, raw_files(args.json_dir), gpu, quiet))
+    ray_floor_json = args.json_dir / "ray_train_floor.json"
+    ray_floor = json.loads(ray_floor_json.read_text()) if ray_floor_json.is_file() else None
+    args.out.write_text(render(result, images, raw_files(args.json_dir), gpu, quiet, ray_floor))
     print(f"wrote {args.out}" + "".join(f", {args.json_dir.parent / p}" for p in images.values()))
 
 

@@ -127,3 +127,29 @@ def test_benchmarks_refuse_a_busy_machine_unless_told(bench, monkeypatch, capsys
     assert "WARNING: the machine is busy" in capsys.readouterr().err
     monkeypatch.setattr(harness.os, "getloadavg", lambda: (cores * 0.1, 0.0, 0.0))
     assert harness.require_quiet()["quiet"] is True
+
+
+def floor_result(floor_to_fn_s: float) -> dict:
+    """A made-up `ray_train_floor.py` result: medians as the script writes them."""
+    floor = {"to_train_fn_s": floor_to_fn_s, "part_python_and_import_ray": 0.3, "part_ray_start": 3.0,
+             "part_import_ray_train": 1.8, "part_worker_group_start": floor_to_fn_s - 5.1}
+    tunefleet = {"to_train_fn_s": 19.0, "to_first_step_end_s": 20.7, "part_python_imports_and_checks": 3.4,
+                 "part_ray_start": 3.1, "part_job_preparation": 0.5, "part_worker_group_start": 11.3}
+    return {"command": "python benchmarks/ray_train_floor.py --rounds 3", "runs": [{}] * 6,
+            "machine": {"start": {"load_avg_1m": 0.4, "cores": 2}},
+            "medians": {"ray-train floor": floor, "tunefleet": tunefleet}}
+
+
+def test_the_ray_train_floor_section_says_whether_trl_is_within_reach(bench, result):
+    """The section's verdict follows the figures: out of reach only when the bare floor is above TRL's first step
+    (25 s in ``result``, here the quiet-machine result)."""
+    report = bench["report"]
+    quiet = {**result, "machine": {**result["machine"], "start": {"load_avg_1m": 0.4, "cores": 2},
+                                   "load_avg_end": [1.0, 0.8, 0.6]}}
+    slow = report.render(None, {}, [], quiet=quiet, ray_floor=floor_result(26.0))
+    assert "| **spawn to the training function** | **26.0** | **19.0** |" in slow
+    assert "| model load, strategy, step 1 | | 1.7 |" in slow
+    assert "TRL's whole time to the end of step 1 was 25.0 s" in slow and "out of reach" in slow
+    fast = report.render(None, {}, [], quiet=quiet, ray_floor=floor_result(14.7))
+    assert "| **spawn to the training function** | **14.7** | **19.0** |" in fast
+    assert "out of reach" not in fast

@@ -18,7 +18,7 @@ from pathlib import Path
 
 import peers
 from frozen import freeze_code, provenance
-from harness import BIN, REPO, Run, cell, machine, median, ratio, require_quiet, run_logged
+from harness import BIN, REPO, Run, alternating, cell, machine, median, ratio, require_quiet, run_logged
 
 SIDES = ("dashboard", "no dashboard")
 
@@ -56,11 +56,10 @@ def main(argv: list[str] | None = None) -> None:
         work = Path(tmp)
         recipes, digest = freeze_code(work)
         runs = []
-        for pair in range(args.pairs):
-            for side in SIDES if pair % 2 == 0 else SIDES[::-1]:
-                runs.append(run(recipes / "llama-full-ddp.yaml", side, pair, args.steps, work))
-                print(f"pair {pair} {side:12}: first step {runs[-1]['first_step_s']:.1f} s, "
-                      f"{runs[-1]['tokens_per_s']:.0f} tokens/s", file=sys.stderr, flush=True)
+        for pair, side in alternating(args.pairs, SIDES):
+            runs.append(run(recipes / "llama-full-ddp.yaml", side, pair, args.steps, work))
+            print(f"pair {pair} {side:12}: first step {runs[-1]['first_step_s']:.1f} s, "
+                  f"{runs[-1]['tokens_per_s']:.0f} tokens/s", file=sys.stderr, flush=True)
     keys = ("first_step_s", "tokens_per_s", "rank_cpu_cores", "other_cpu_cores")
     phases = list(runs[0]["startup_s"])
     medians = {side: {**{k: median([r[k] for r in runs if r["kind"] == side]) for k in keys},

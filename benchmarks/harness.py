@@ -18,6 +18,7 @@ import sys
 import threading
 import time
 from collections import defaultdict
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
@@ -210,6 +211,14 @@ def run_logged(command: list[str], log_path: Path) -> tuple[float, float, list]:
     if code != 0:
         raise RunFailed(f"{Path(command[0]).name} exited {code}; see {log_path}")
     return started, time.time() - started, samples
+
+
+def alternating(rounds: int, sides: tuple[str, ...]) -> Iterator[tuple[int, str]]:
+    """(round, side) of every run: each round runs every side, every other round in reverse order, so that drift
+    in the machine's speed falls on all sides alike."""
+    for round_ in range(rounds):
+        for side in sides if round_ % 2 == 0 else sides[::-1]:
+            yield round_, side
 
 
 def median(values: list) -> float | None:

@@ -25,7 +25,7 @@ from pathlib import Path
 
 import peers
 from frozen import freeze_code, provenance
-from harness import BIN, REPO, cell, machine, median, require_quiet, run_logged
+from harness import BIN, REPO, alternating, cell, machine, median, require_quiet, run_logged
 
 from tunefleet.launcher.run import session
 
@@ -74,12 +74,11 @@ def main(argv: list[str] | None = None) -> None:
         work = Path(tmp)
         recipes, digest = freeze_code(work)
         runs = []
-        for pair in range(args.rounds):
-            for side in SIDES if pair % 2 == 0 else SIDES[::-1]:
-                runs.append(run_floor(pair, work) if side == SIDES[0]
-                            else run_tunefleet(recipes / "llama-full-ddp.yaml", pair, work))
-                print(f"round {pair} {side:16}: train function starts {runs[-1]['to_train_fn_s']:.1f} s after spawn",
-                      file=sys.stderr, flush=True)
+        for pair, side in alternating(args.rounds, SIDES):
+            runs.append(run_floor(pair, work) if side == SIDES[0]
+                        else run_tunefleet(recipes / "llama-full-ddp.yaml", pair, work))
+            print(f"round {pair} {side:16}: train function starts {runs[-1]['to_train_fn_s']:.1f} s after spawn",
+                  file=sys.stderr, flush=True)
     by_side = {side: [r for r in runs if r["kind"] == side] for side in SIDES}
     medians = {side: {key: median([r[key] for r in runs if r["kind"] == side])
                       for key in ("to_train_fn_s", "to_first_step_end_s") if key in by_side[side][0]}

@@ -153,3 +153,8 @@ def test_the_ray_train_floor_section_says_whether_trl_is_within_reach(bench, res
     fast = report.render(None, {}, [], quiet=quiet, ray_floor=floor_result(14.7))
     assert "| **spawn to the training function** | **14.7** | **19.0** |" in fast
     assert "out of reach" not in fast
+
+
+def test_rounds_alternate_the_order_of_the_sides(bench):
+    assert list(bench["harness"].alternating(3, ("a", "b"))) == [(0, "a"), (0, "b"), (1, "b"), (1, "a"), (2, "a"),
+                                                                 (2, "b")]

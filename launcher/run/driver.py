@@ -178,7 +178,6 @@ def _keep_log(written: Path, kept: Path) -> None:
 
 def _launch_on_ray(recipe: Recipe, plan: LaunchPlan, console: LaunchConsole, *,
                    address: str | None, resume: str, started: float) -> LaunchResult:
-    import ray
     from ray.util.queue import Queue
 
     dashboard = session.connect(recipe, address)
@@ -216,7 +215,7 @@ def _launch_on_ray(recipe: Recipe, plan: LaunchPlan, console: LaunchConsole, *,
             tracker.finish({"state": "failed"})
             raise _training_failed(recipe, failure[0]) from failure[0]
     finally:
-        ray.shutdown()
+        session.shutdown(embedded=address is None)
     outcome = console.outcome
     if outcome is not None and outcome.preflight:
         (output_dir / "preflight.json").write_text(json.dumps(outcome.preflight, indent=2))

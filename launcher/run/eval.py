@@ -103,7 +103,6 @@ def check_model_kind(recipe: Recipe, model_dir: Path) -> None:
 def run_eval(path: Path, data_file: Path, *, metrics: list[str], recipe_file: Path | None = None,
              overrides: list[str] = (), address: str | None = None) -> dict:
     """Evaluate the model at ``path`` on ``data_file`` on Ray workers; the report as a JSON-ready dict."""
-    import ray
 
     target = resolve_target(path, recipe_file)
     recipe = eval_recipe(target, data_file, list(overrides))
@@ -120,7 +119,7 @@ def run_eval(path: Path, data_file: Path, *, metrics: list[str], recipe_file: Pa
                       wandb_run_id="", model_dir=str(target.model_dir))  # no tracker: the figures go to the console
         row = _evaluate_on_workers(job, storage, state_api=dashboard is not None)
     finally:
-        ray.shutdown()
+        session.shutdown(embedded=address is None)
         shutil.rmtree(storage, ignore_errors=True)
     max_rows = recipe.data.eval.max_rows
     rows = batches.cache_meta(data_dir)["eval_rows"]

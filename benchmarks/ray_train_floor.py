@@ -6,7 +6,7 @@ The floor is the least any launch through Ray Train's worker group can take here
 imports Ray, starts a local Ray exactly as tunefleet's embedded one (no dashboard, the quiet settings, worker
 niceness 0), imports Ray Train and runs a TorchTrainer of 2 gloo workers whose function does nothing but note
 the time it started. tunefleet is `tunefleet launch` of the DDP recipe on tiny:llama-20m (2 workers, packed
-128-token rows, micro batch 4; the peers benchmark's settings), 3 steps. Both are timed from the moment the
+128-token rows, micro batch 4; embedded_ray.py's settings, dashboard off), 3 steps. Both are timed from the moment the
 subprocess is spawned: for the floor, to its function's start;
 for tunefleet, to its training function's start (`worker_start` of startup.json) and to the end of step 1.
 Parts: the floor's, and tunefleet's launch summary (`startup_s`) with what came before its clock started
@@ -23,7 +23,7 @@ import sys
 import tempfile
 from pathlib import Path
 
-import peers
+import embedded_ray
 from frozen import freeze_code, provenance
 from harness import BIN, REPO, alternating, cell, machine, median, require_quiet, run_logged
 
@@ -47,9 +47,7 @@ def run_floor(pair: int, work: Path) -> dict:
 
 def run_tunefleet(recipe: Path, pair: int, work: Path) -> dict:
     output_dir = work / f"tunefleet-{pair}"
-    settings = argparse.Namespace(model="tiny:llama-20m", seq_len=128, steps=STEPS, micro_batch=4)
-    command = [str(BIN / "tunefleet"), "launch", str(recipe),
-               *(f"--set={o}" for o in peers.overrides(settings, output_dir))]
+    command = [str(BIN / "tunefleet"), "launch", str(recipe), *embedded_ray.overrides(output_dir, STEPS, False)]
     spawned, wall_s, _ = run_logged(command, work / f"tunefleet-{pair}.log")
     phases = json.loads((output_dir / "startup.json").read_text())  # wall clock of the workers' phases
     startup = json.loads((output_dir / "summary.json").read_text())["startup_s"]
@@ -80,7 +78,7 @@ def main(argv: list[str] | None = None) -> None:
             print(f"round {pair} {side:16}: train function starts {runs[-1]['to_train_fn_s']:.1f} s after spawn",
                   file=sys.stderr, flush=True)
     by_side = {side: [r for r in runs if r["kind"] == side] for side in SIDES}
-    medians = {side: {key: median([r[key] for r in runs if r["kind"] == side])
+    medians = {side: {key: median([r[key] for r in by_side[side]])
                       for key in ("to_train_fn_s", "to_first_step_end_s") if key in by_side[side][0]}
                | {f"part_{p}": median([r["parts_s"][p] for r in by_side[side]]) for p in by_side[side][0]["parts_s"]}
                for side in SIDES}

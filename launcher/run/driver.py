@@ -197,7 +197,7 @@ def _launch_on_ray(recipe: Recipe, plan: LaunchPlan, console: LaunchConsole, *,
         control = Control.options(**on_head).remote()
         forward_signals_to(control, on_signal=lambda _: _exit_after_grace(recipe, console))
         trainer = session.worker_group(job, queue, control, secret_store=session.secret_store(),
-                                       state_api=dashboard is not None)
+                                       state_api=dashboard is not None, autoscaler=address is not None)
         thread, failure = session.fit_in_background(trainer)
         tracker = WandbRun(recipe.logging.wandb, output_dir=str(output_dir), run_id=job.wandb_run_id,
                            name=recipe.name, config=recipe.model_dump(mode="json"))

@@ -117,7 +117,7 @@ def run_eval(path: Path, data_file: Path, *, metrics: list[str], recipe_file: Pa
         data_dir = tokenize_task.prepare_on_ray(recipe.data, model_path, seed=recipe.train.seed)
         job = EvalJob(recipe=recipe, strategy_plan=plan, model_path=model_path, data_dir=str(data_dir),
                       wandb_run_id="", model_dir=str(target.model_dir))  # no tracker: the figures go to the console
-        row = _evaluate_on_workers(job, storage, state_api=dashboard is not None)
+        row = _evaluate_on_workers(job, storage, state_api=dashboard is not None, autoscaler=address is not None)
     finally:
         session.shutdown(embedded=address is None)
         shutil.rmtree(storage, ignore_errors=True)
@@ -128,14 +128,14 @@ def run_eval(path: Path, data_file: Path, *, metrics: list[str], recipe_file: Pa
             "metrics": {name: row[name] for name in shown}}
 
 
-def _evaluate_on_workers(job: EvalJob, storage: Path, *, state_api: bool) -> dict[str, float]:
+def _evaluate_on_workers(job: EvalJob, storage: Path, *, state_api: bool, autoscaler: bool) -> dict[str, float]:
     """With Ray up: run the evaluation worker group; rank 0's figures."""
     from ray.util.queue import Queue
 
     queue = Queue(maxsize=100, actor_options={"num_cpus": 0, "scheduling_strategy": session.head_node_affinity()})
     trainer = session.worker_group(job, queue, None, loop=eval_loop_per_worker, name=f"{job.recipe.name}-eval",
                                    storage_path=str(storage), secret_store=session.secret_store(),
-                                   state_api=state_api)
+                                   state_api=state_api, autoscaler=autoscaler)
     thread, failure = session.fit_in_background(trainer)
     thread.join()
     if failure:

@@ -143,17 +143,19 @@ def secret_store():
 
 
 def worker_group(job: Job, queue, control, *, loop=None, name: str | None = None, storage_path: str | None = None,
-             secret_store=None, state_api: bool = True):
+             secret_store=None, state_api: bool = True, autoscaler: bool = True):
     """The recipe's Ray Train worker group running ``loop`` (default: training) with ``job``. ``state_api``:
-    whether the cluster serves Ray's State API (it has a dashboard; see `trainer_class`)."""
+    whether the cluster serves Ray's State API (it has a dashboard); ``autoscaler``: whether it may have a cluster
+    autoscaler (a joined cluster); see `trainer.trainer_class`."""
     from ray.train import FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchConfig
 
     from tunefleet.launcher.run.controller import FailureReporter
+    from tunefleet.launcher.run.trainer import trainer_class
     from tunefleet.launcher.training.worker import pack_job, train_loop_per_worker
 
     recipe, par = job.recipe, job.recipe.parallelism
-    return trainer_class(state_api)(
+    return trainer_class(state_api=state_api, autoscaler=autoscaler)(
         loop or train_loop_per_worker,
         train_loop_config={"job": pack_job(job), "queue": queue, "control": control,
                            "secrets": secret_store},
@@ -170,28 +172,6 @@ def worker_group(job: Job, queue, control, *, loop=None, name: str | None = None
             worker_runtime_env={"env_vars": worker_env(recipe)},
         ),
     )
-
-
-def trainer_class(state_api: bool):
-    """Ray Train's TorchTrainer; on a cluster without the State API, one without its placement-group cleaner.
-
-    That cleaner (an actor Ray Train always adds) asks the State API every second whether the controller still
-    lives, to remove the workers' placement group should the controller die unannounced. A Ray without a
-    dashboard (tunefleet's embedded one, by default) has no State API: each ask fails and logs a warning
-    (44 lines in launch.log for a 40-step launch; the cleaner alone took 0.011 core beside two CPU ranks, and
-    Ray's log monitor and the driver carried each line). There it can never clean anything, so it is left out;
-    were Ray to rename the hook, the cleaner would simply stay."""
-    from ray.train.torch import TorchTrainer
-
-    if state_api:
-        return TorchTrainer
-
-    class TrainerWithoutStateApi(TorchTrainer):
-        def _create_default_callbacks(self):
-            callbacks = super()._create_default_callbacks()
-            return [c for c in callbacks if type(c).__name__ != "PlacementGroupCleanerCallback"]
-
-    return TrainerWithoutStateApi
 
 
 def head_node_affinity():

@@ -78,7 +78,7 @@ def test_lora_on_embedded_ray(tmp_path):
     assert json.loads((out / "run.json").read_text())["ray_dashboard"] is None
     assert "Ray dashboard" not in result.stdout
     # Without a dashboard there is no State API: Ray Train's placement-group cleaner, which asks it every
-    # second, is left out rather than logging a failure each time (session.trainer_class).
+    # second, is left out rather than logging a failure each time (run/trainer.py).
     assert "Failed to query Ray Train Controller" not in (out / "launch.log").read_text()
     assert len(list((out / "wandb").glob("offline-run-*"))) == 1
     final = out / "final"

@@ -23,22 +23,6 @@ def test_the_users_settings_and_the_dashboard_win(tmp_path):
     assert quiet_ray_env(with_dashboard, {}) == {}
 
 
-def test_without_a_state_api_the_trainer_leaves_out_the_placement_group_cleaner():
-    """Ray Train's cleaner asks the State API every second; a Ray without a dashboard has none (trainer_class).
-    If Ray renames the cleaner or the hook, the first assertion says so."""
-    from ray.train import ScalingConfig
-
-    from tunefleet.launcher.run.session import trainer_class
-
-    def callbacks(state_api: bool) -> list[str]:
-        trainer = trainer_class(state_api)(lambda config: None, scaling_config=ScalingConfig(num_workers=1))
-        return [type(c).__name__ for c in trainer._create_default_callbacks()]
-
-    with_api, without = callbacks(True), callbacks(False)
-    assert "PlacementGroupCleanerCallback" in with_api
-    assert without == [name for name in with_api if name != "PlacementGroupCleanerCallback"]
-
-
 def test_a_module_preloaded_in_the_background_is_imported_and_a_failure_left_to_the_real_import(tmp_path, monkeypatch):
     import sys
 

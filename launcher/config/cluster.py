@@ -66,7 +66,7 @@ class KubernetesConfig(Section):
     )
     head_cpus: float = Field(
         2, gt=0, description="CPU cores of the head pod, which runs the driver, data preparation and the "
-        "control actors and never a training worker."
+        "launch's hub actor and never a training worker."
     )
     head_memory: str = Field("8Gi", pattern=_QUANTITY, description="Memory of the head pod (request and limit).")
     shm_size: str | None = Field(

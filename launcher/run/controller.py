@@ -29,11 +29,11 @@ def node_lost(node_id: str, wait_s: float = NODE_LOSS_WAIT_S) -> bool:
 class FailureReporter(UserCallback):
     """Names each failed rank's cause (see failures.py) and sends the console one event."""
 
-    def __init__(self, queue, output_dir: str):
-        self.queue, self.output_dir = queue, output_dir
+    def __init__(self, hub, output_dir: str):
+        self.hub, self.output_dir = hub, output_dir
 
     def after_exception(self, run_context, worker_exceptions: dict) -> None:
         found = [failures.describe(rank, error, self.output_dir, node_lost=node_lost)
                  for rank, error in sorted(worker_exceptions.items())]
-        self.queue.put_nowait({"event": "worker_failed", "line": failures.summary(found),
-                               "ranks": [vars(f) for f in found]})
+        self.hub.put.remote({"event": "worker_failed", "line": failures.summary(found),
+                             "ranks": [vars(f) for f in found]})

@@ -29,7 +29,7 @@ from tunefleet.launcher.plan.layout import LaunchPlan, make_plan, rebalance
 from tunefleet.launcher.run import folders, session, tokenize_task
 from tunefleet.launcher.run.console import LaunchConsole
 from tunefleet.launcher.training import checkpoint
-from tunefleet.launcher.training.control import EXIT_PREEMPTED, Control, forward_signals_to
+from tunefleet.launcher.training.control import EXIT_PREEMPTED, HubActor, forward_signals_to
 from tunefleet.launcher.training.loop import STARTUP_FILE, Job
 from tunefleet.launcher.training.metrics import WandbRun
 from tunefleet.launcher.training.outcome import Outcome, RunState
@@ -178,7 +178,7 @@ def _keep_log(written: Path, kept: Path) -> None:
 
 def _launch_on_ray(recipe: Recipe, plan: LaunchPlan, console: LaunchConsole, *,
                    address: str | None, resume: str, started: float) -> LaunchResult:
-    from ray.util.queue import Queue
+    import ray
 
     dashboard = session.connect(recipe, address)
     phases = {"launch": started, "ray_ready": time.time()}
@@ -192,11 +192,9 @@ def _launch_on_ray(recipe: Recipe, plan: LaunchPlan, console: LaunchConsole, *,
         folders.record_state(output_dir, "running", name=recipe.name, max_steps=recipe.train.max_steps,
                              checkpoint_dir=recipe.checkpoint_dir, ray_dashboard=dashboard)
         console.header(job, reason, batches.cache_meta(Path(job.data_dir)), dashboard=dashboard)
-        on_head = {"num_cpus": 0, "scheduling_strategy": session.head_node_affinity()}
-        queue = Queue(maxsize=10_000, actor_options=on_head)
-        control = Control.options(**on_head).remote()
-        forward_signals_to(control, on_signal=lambda _: _exit_after_grace(recipe, console))
-        trainer = session.worker_group(job, queue, control, secret_store=session.secret_store(),
+        hub = HubActor.options(scheduling_strategy=session.head_node_affinity()).remote()
+        forward_signals_to(hub, on_signal=lambda _: _exit_after_grace(recipe, console))
+        trainer = session.worker_group(job, hub, secret_store=session.secret_store(),
                                        state_api=dashboard is not None, autoscaler=address is not None)
         thread, failure = session.fit_in_background(trainer)
         tracker = WandbRun(recipe.logging.wandb, output_dir=str(output_dir), run_id=job.wandb_run_id,
@@ -204,12 +202,12 @@ def _launch_on_ray(recipe: Recipe, plan: LaunchPlan, console: LaunchConsole, *,
         with console.progress(recipe.train.max_steps) as progress:
             while True:
                 alive = thread.is_alive()
-                events = queue.get_nowait_batch(queue.qsize()) if queue.qsize() else []
+                events = ray.get(hub.take_all.remote())
                 progress.update(events)
                 tracker.handle(events)
                 if not alive:
                     break
-                time.sleep(0.5)  # each poll is two calls to the queue actor: CPU the ranks do not get
+                time.sleep(0.5)  # each poll is a call to the hub: CPU the ranks do not get
         if failure:
             folders.record_state(output_dir, "failed")
             tracker.finish({"state": "failed"})

@@ -22,6 +22,7 @@ from tunefleet.launcher.data import batches
 from tunefleet.launcher.errors import TrainingFailed, UserError
 from tunefleet.launcher.model import modeling
 from tunefleet.launcher.run import driver, session, tokenize_task
+from tunefleet.launcher.training.control import HubActor
 from tunefleet.launcher.training.loop import EvalJob
 from tunefleet.launcher.training.worker import eval_loop_per_worker
 
@@ -130,15 +131,15 @@ def run_eval(path: Path, data_file: Path, *, metrics: list[str], recipe_file: Pa
 
 def _evaluate_on_workers(job: EvalJob, storage: Path, *, state_api: bool, autoscaler: bool) -> dict[str, float]:
     """With Ray up: run the evaluation worker group; rank 0's figures."""
-    from ray.util.queue import Queue
+    import ray
 
-    queue = Queue(maxsize=100, actor_options={"num_cpus": 0, "scheduling_strategy": session.head_node_affinity()})
-    trainer = session.worker_group(job, queue, None, loop=eval_loop_per_worker, name=f"{job.recipe.name}-eval",
+    hub = HubActor.options(scheduling_strategy=session.head_node_affinity()).remote()
+    trainer = session.worker_group(job, hub, loop=eval_loop_per_worker, name=f"{job.recipe.name}-eval",
                                    storage_path=str(storage), secret_store=session.secret_store(),
                                    state_api=state_api, autoscaler=autoscaler)
     thread, failure = session.fit_in_background(trainer)
     thread.join()
     if failure:
         raise TrainingFailed(f"evaluation failed: {type(failure[0]).__name__}: {failure[0]}") from failure[0]
-    events = queue.get_nowait_batch(queue.qsize()) if queue.qsize() else []
+    events = ray.get(hub.take_all.remote())
     return next(event["metrics"] for event in events if event.get("event") == "finish")

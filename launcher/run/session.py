@@ -142,9 +142,10 @@ def secret_store():
     return secrets.store(forwarded()[1], scheduling_strategy=head_node_affinity())
 
 
-def worker_group(job: Job, queue, control, *, loop=None, name: str | None = None, storage_path: str | None = None,
+def worker_group(job: Job, hub, *, loop=None, name: str | None = None, storage_path: str | None = None,
              secret_store=None, state_api: bool = True, autoscaler: bool = True):
-    """The recipe's Ray Train worker group running ``loop`` (default: training) with ``job``. ``state_api``:
+    """The recipe's Ray Train worker group running ``loop`` (default: training) with ``job``, reporting to ``hub``
+    (training/control.py). ``state_api``:
     whether the cluster serves Ray's State API (it has a dashboard); ``autoscaler``: whether it may have a cluster
     autoscaler (a joined cluster); see `trainer.trainer_class`."""
     from ray.train import FailureConfig, RunConfig, ScalingConfig
@@ -157,8 +158,7 @@ def worker_group(job: Job, queue, control, *, loop=None, name: str | None = None
     recipe, par = job.recipe, job.recipe.parallelism
     return trainer_class(state_api=state_api, autoscaler=autoscaler)(
         loop or train_loop_per_worker,
-        train_loop_config={"job": pack_job(job), "queue": queue, "control": control,
-                           "secrets": secret_store},
+        train_loop_config={"job": pack_job(job), "hub": hub, "secrets": secret_store},
         torch_config=TorchConfig(backend=process_group_backend(par.use_gpu), timeout_s=par.collective_timeout_s),
         scaling_config=ScalingConfig(
             num_workers=(par.min_workers, par.world_size) if par.min_workers else par.world_size,
@@ -168,7 +168,7 @@ def worker_group(job: Job, queue, control, *, loop=None, name: str | None = None
         run_config=RunConfig(
             name=name or recipe.name, storage_path=storage_path or str(Path(recipe.output_dir) / "ray"),
             failure_config=FailureConfig(max_failures=recipe.fault_tolerance.max_restarts),
-            callbacks=[FailureReporter(queue, recipe.output_dir)] if queue is not None else None,
+            callbacks=[FailureReporter(hub, recipe.output_dir)],
             worker_runtime_env={"env_vars": worker_env(recipe)},
         ),
     )

@@ -72,8 +72,8 @@ def seed_everything(seed: int) -> None:
 class TrainLoop:
     """One rank's part of a run. The phases are collective: every rank runs each one."""
 
-    def __init__(self, job: Job, reporter: Reporter, *, control=None, node: str | None = None):
-        self.job, self.recipe, self.reporter, self.control, self.node = job, job.recipe, reporter, control, node
+    def __init__(self, job: Job, reporter: Reporter, *, hub=None, node: str | None = None):
+        self.job, self.recipe, self.reporter, self.hub, self.node = job, job.recipe, reporter, hub, node
         self.startup = {"worker_start": time.time()}  # wall clock of each start-up phase; rank 0 writes STARTUP_FILE
         self.rank, self.world_size = dist.get_rank(), dist.get_world_size()
         self.plan = rebalance(job.strategy_plan, world_size=self.world_size)
@@ -194,7 +194,7 @@ class TrainLoop:
         (preempted), else None."""
         if self.eval_inputs is not None and self.start_step == 0:
             self.evaluate(0)
-        stop = StopPoller(self.control, self.rank)
+        stop = StopPoller(self.hub, self.rank)
         max_steps = self.recipe.train.max_steps
         last_step = max_steps if self.stopped_early_at is None else self.start_step  # resuming a stopped run: done
         for step in range(self.start_step, last_step):

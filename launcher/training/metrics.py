@@ -54,12 +54,13 @@ PER_RANK = "_per_rank"
 
 
 class Reporter:
-    """Rank 0's sink for metrics (``metrics.jsonl`` and the driver's queue); no-ops elsewhere."""
+    """Rank 0's sink for metrics (``metrics.jsonl`` and the driver's hub, see control.py); no-ops elsewhere."""
 
-    def __init__(self, *, enabled: bool, output_dir: str, queue=None):
+    def __init__(self, *, enabled: bool, output_dir: str, hub=None):
         self.enabled = enabled
         self.path = Path(output_dir) / METRICS_FILE
-        self.queue = queue
+        self.hub = hub
+        self.sent = None  # the last event's call on the hub
 
     def start(self, *, start_step: int, resumed_from: Path | None, attachments: dict | None = None) -> None:
         if not self.enabled:
@@ -78,13 +79,22 @@ class Reporter:
         self._send({"event": "metrics", **row})
 
     def finish(self, outcome: Outcome) -> None:
-        """How the run ended, for the driver (the event pickles the frozen outcome through the queue)."""
+        """How the run ended, for the driver (the event pickles the frozen outcome through the hub); returns
+        once the hub has it, and with it every earlier event."""
         if self.enabled:
             self._send({"event": "finish", "outcome": outcome})
+            self.flush()
 
     def _send(self, message: dict[str, Any]) -> None:
-        if self.queue is not None:
-            self.queue.put_nowait(message)
+        """Without waiting: the hub runs one caller's calls in order."""
+        if self.hub is not None:
+            self.sent = self.hub.put.remote(message)
+
+    def flush(self) -> None:
+        if self.sent is not None:
+            import ray
+
+            ray.get(self.sent)
 
 
 class WandbRun:

@@ -48,11 +48,11 @@ def train_loop_per_worker(config: dict) -> None:
     quiet_libraries()
     job = unpack_job(config["job"])
     rank = ray.train.get_context().get_world_rank()
-    reporter = Reporter(enabled=rank == 0, output_dir=job.recipe.output_dir, queue=config.get("queue"))
+    reporter = Reporter(enabled=rank == 0, output_dir=job.recipe.output_dir, hub=config.get("hub"))
     node_id = ray.get_runtime_context().get_node_id()
     failures.watch(job.recipe.output_dir, rank, node_ip=ray.util.get_node_ip_address(), node_id=node_id)
     node = f"{socket.gethostname()}/{node_id[:8]}"
-    outcome = TrainLoop(job, reporter, control=config.get("control"), node=node).run()
+    outcome = TrainLoop(job, reporter, hub=config.get("hub"), node=node).run()
     reporter.finish(outcome)
 
 
@@ -65,4 +65,4 @@ def eval_loop_per_worker(config: dict) -> None:
     quiet_libraries()
     row = evaluate_exported(unpack_job(config["job"]))
     if ray.train.get_context().get_world_rank() == 0:
-        config["queue"].put({"event": "finish", "metrics": row})
+        ray.get(config["hub"].put.remote({"event": "finish", "metrics": row}))

@@ -262,7 +262,7 @@ def test_local_slurm_and_kubernetes_agree(tmp_path):
 
     recipe, path = make_recipe(tmp_path, {"parallelism": {"use_gpu": True}}, ["fault_tolerance.max_restarts=4"])
     par = recipe.parallelism
-    local = worker_group(SimpleNamespace(recipe=recipe), None, None)
+    local = worker_group(SimpleNamespace(recipe=recipe), None)
     scaling, failure = local.scaling_config, local.run_config.failure_config
 
     configmap, _, job = render(recipe)

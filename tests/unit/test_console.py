@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import io
 import json
+from types import SimpleNamespace
 
 from rich.console import Console
 
@@ -64,11 +65,11 @@ def test_the_finish_event_carries_a_typed_outcome_that_survives_pickling(tmp_pat
     from tunefleet.launcher.training.outcome import Outcome, RunState
 
     sent = []
-    reporter = Reporter(enabled=True, output_dir=str(tmp_path), queue=SimpleQueue(sent))
+    reporter = Reporter(enabled=True, output_dir=str(tmp_path), hub=LocalHub(sent))
     best = {"metric": "eval_loss", "direction": "min", "value": 2.5, "step": 4, "evals_without_improvement": 2}
     reporter.finish(Outcome(RunState.STOPPED_EARLY, preflight={"nodes": ["a"]}, stopped_early_at=12,
                             final_dir=str(tmp_path / "final"), final_step=4, best=best))
-    (event,) = [pickle.loads(pickle.dumps(message)) for message in sent]  # as the Ray queue carries it
+    (event,) = [pickle.loads(pickle.dumps(message)) for message in sent]  # as Ray carries it to the hub
     assert event["outcome"].state is RunState.STOPPED_EARLY
     console, out = _console()
     with console.progress(24):
@@ -79,9 +80,8 @@ def test_the_finish_event_carries_a_typed_outcome_that_survives_pickling(tmp_pat
     assert "stopped early at step 12 of 24" in out.getvalue()
 
 
-class SimpleQueue:
-    def __init__(self, sink: list):
-        self.sink = sink
+class LocalHub:
+    """The hub's ``put`` called in place (control.HubActor is the Ray actor)."""
 
-    def put_nowait(self, message) -> None:
-        self.sink.append(message)
+    def __init__(self, sink: list):
+        self.put = SimpleNamespace(remote=sink.append)

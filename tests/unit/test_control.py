@@ -54,3 +54,18 @@ def test_sigterm_requests_a_stop_every_time_without_exiting():
     assert child.poll() is None
     child.kill()
     child.wait(timeout=10)
+
+
+def test_the_hub_hands_the_driver_every_event_once_in_order_and_keeps_the_first_stop_reason():
+    from tunefleet.launcher.training.control import Hub
+
+    hub = Hub()
+    assert hub.take_all() == [] and hub.stop_reason() is None
+    for step in (1, 2, 3):
+        hub.put({"event": "metrics", "step": step})
+    assert [event["step"] for event in hub.take_all()] == [1, 2, 3]
+    hub.put({"event": "finish"})
+    assert hub.take_all() == [{"event": "finish"}] and hub.take_all() == []
+    hub.request_stop("SIGTERM")
+    hub.request_stop("SIGINT")
+    assert hub.stop_reason() == "SIGTERM"

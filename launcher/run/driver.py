@@ -29,7 +29,7 @@ from tunefleet.launcher.plan.layout import LaunchPlan, make_plan, rebalance
 from tunefleet.launcher.run import folders, session, tokenize_task
 from tunefleet.launcher.run.console import LaunchConsole
 from tunefleet.launcher.training import checkpoint
-from tunefleet.launcher.training.control import EXIT_PREEMPTED, HubActor, forward_signals_to
+from tunefleet.launcher.training.control import EXIT_PREEMPTED, forward_signals_to
 from tunefleet.launcher.training.loop import STARTUP_FILE, Job
 from tunefleet.launcher.training.metrics import WandbRun
 from tunefleet.launcher.training.outcome import Outcome, RunState
@@ -192,7 +192,7 @@ def _launch_on_ray(recipe: Recipe, plan: LaunchPlan, console: LaunchConsole, *,
         folders.record_state(output_dir, "running", name=recipe.name, max_steps=recipe.train.max_steps,
                              checkpoint_dir=recipe.checkpoint_dir, ray_dashboard=dashboard)
         console.header(job, reason, batches.cache_meta(Path(job.data_dir)), dashboard=dashboard)
-        hub = HubActor.options(scheduling_strategy=session.head_node_affinity()).remote()
+        hub = session.hub()
         forward_signals_to(hub, on_signal=lambda _: _exit_after_grace(recipe, console))
         trainer = session.worker_group(job, hub, secret_store=session.secret_store(),
                                        state_api=dashboard is not None, autoscaler=address is not None)

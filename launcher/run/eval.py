@@ -22,7 +22,6 @@ from tunefleet.launcher.data import batches
 from tunefleet.launcher.errors import TrainingFailed, UserError
 from tunefleet.launcher.model import modeling
 from tunefleet.launcher.run import driver, session, tokenize_task
-from tunefleet.launcher.training.control import HubActor
 from tunefleet.launcher.training.loop import EvalJob
 from tunefleet.launcher.training.worker import eval_loop_per_worker
 
@@ -133,7 +132,7 @@ def _evaluate_on_workers(job: EvalJob, storage: Path, *, state_api: bool, autosc
     """With Ray up: run the evaluation worker group; rank 0's figures."""
     import ray
 
-    hub = HubActor.options(scheduling_strategy=session.head_node_affinity()).remote()
+    hub = session.hub()
     trainer = session.worker_group(job, hub, loop=eval_loop_per_worker, name=f"{job.recipe.name}-eval",
                                    storage_path=str(storage), secret_store=session.secret_store(),
                                    state_api=state_api, autoscaler=autoscaler)

@@ -142,12 +142,18 @@ def secret_store():
     return secrets.store(forwarded()[1], scheduling_strategy=head_node_affinity())
 
 
+def hub():
+    """With Ray up: the launch's hub actor (training/control.py), on the head node."""
+    from tunefleet.launcher.training.control import HubActor
+
+    return HubActor.options(scheduling_strategy=head_node_affinity()).remote()
+
+
 def worker_group(job: Job, hub, *, loop=None, name: str | None = None, storage_path: str | None = None,
              secret_store=None, state_api: bool = True, autoscaler: bool = True):
     """The recipe's Ray Train worker group running ``loop`` (default: training) with ``job``, reporting to ``hub``
-    (training/control.py). ``state_api``:
-    whether the cluster serves Ray's State API (it has a dashboard); ``autoscaler``: whether it may have a cluster
-    autoscaler (a joined cluster); see `trainer.trainer_class`."""
+    (training/control.py). ``state_api``: whether the cluster serves Ray's State API (it has a dashboard);
+    ``autoscaler``: whether it may have a cluster autoscaler (a joined cluster); see `trainer.trainer_class`."""
     from ray.train import FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchConfig
 

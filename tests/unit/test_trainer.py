@@ -5,16 +5,13 @@ a hook fails here rather than silently keeping (or losing) a helper."""
 from __future__ import annotations
 
 import pytest
+from ray.train import ScalingConfig
+from ray.train.torch import TorchTrainer
+from ray.train.v2._internal.execution.scaling_policy import ResizeDecision
+from ray.train.v2._internal.execution.scaling_policy.elastic import ElasticScalingPolicy
+from ray.train.v2._internal.execution.scaling_policy.fixed import FixedScalingPolicy
 
-ray_train = pytest.importorskip("ray.train")
-
-from ray.train import ScalingConfig  # noqa: E402
-from ray.train.torch import TorchTrainer  # noqa: E402
-from ray.train.v2._internal.execution.scaling_policy import ResizeDecision  # noqa: E402
-from ray.train.v2._internal.execution.scaling_policy.elastic import ElasticScalingPolicy  # noqa: E402
-from ray.train.v2._internal.execution.scaling_policy.fixed import FixedScalingPolicy  # noqa: E402
-
-from tunefleet.launcher.run.trainer import (  # noqa: E402
+from tunefleet.launcher.run.trainer import (
     DATASETS,
     STATE_API_CLEANER,
     FixedSizeWithoutAutoscaler,

@@ -27,6 +27,10 @@ os.environ["HF_HUB_OFFLINE"] = "1"
 os.environ["WANDB_SILENT"] = "true"
 os.environ.pop("WANDB_API_KEY", None)
 os.environ.pop("RAY_ADDRESS", None)
+# Ray Train's controller polls its workers every 2 s by default; it learns that a run ended or a worker
+# died on its next poll. At 0.5 s a launch on the session cluster ends ~2 s sooner (28.9 -> 26.9 s, 3 alternating
+# pairs), over ~55 launches and every restart of the suite. Clusters started here and embedded Rays inherit it.
+os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.5")
 
 
 def free_port() -> int:
@@ -123,13 +127,16 @@ class RayCluster:
         raise TimeoutError("Ray head did not come up")
 
     def stop(self) -> None:
+        """End every node: SIGTERM first, then SIGKILL of whatever of its session is left. A head
+        given SIGTERM alone takes ~30 s to wind down (it waits on processes it stops one by one);
+        a test cluster's state is thrown away with its temp dir, so nothing is lost by not waiting."""
         for proc in [*self.nodes, self.proc]:
             if proc.poll() is None:
                 os.killpg(proc.pid, signal.SIGTERM)
-                try:
-                    proc.wait(timeout=30)
-                except subprocess.TimeoutExpired:
-                    os.killpg(proc.pid, signal.SIGKILL)
+        for proc in [*self.nodes, self.proc]:
+            with contextlib.suppress(subprocess.TimeoutExpired):
+                proc.wait(timeout=2)
+            self.kill(proc)
         shutil.rmtree(self.temp_dir, ignore_errors=True)
 
 

@@ -14,8 +14,8 @@ from rich.markup import escape
 from rich.table import Table
 
 from tunefleet.launcher.config import Recipe, load_recipe
+from tunefleet.launcher.config.checkpoint import DEFAULT_MAX_SHARD_SIZE
 from tunefleet.launcher.errors import RecipeError, TrainingFailed, UserError
-from tunefleet.launcher.run.export import export_command
 from tunefleet.launcher.run.submit import cancel, logs, status, submit
 
 app = typer.Typer(
@@ -58,12 +58,12 @@ def launch(
     ] = False,
 ) -> None:
     """Train: validate, plan, provision Ray workers and run the recipe."""
+    if resume not in ("auto", "never"):
+        raise UserError("--resume must be auto or never")
+    loaded = load_recipe(recipe, overrides or [])  # a recipe mistake is reported before the heavy imports below
     from tunefleet.launcher.run.driver import launch as run_launch
     from tunefleet.launcher.training.outcome import RunState
 
-    if resume not in ("auto", "never"):
-        raise UserError("--resume must be auto or never")
-    loaded = load_recipe(recipe, overrides or [])
     result = run_launch(loaded, source=str(recipe), address=address, resume=resume, verbose=verbose)
     outcome = result.outcome
     if outcome is not None and outcome.state is RunState.PREEMPTED:
@@ -114,12 +114,13 @@ def validate(
 ) -> None:
     """Check recipes (schema, files, layout), with --set applied to each; list every problem. Exit 0 valid,
     2 invalid."""
-    from tunefleet.launcher.run.driver import check_recipe
-
     failed = False
     for path in recipes:
         try:
-            check_recipe(load_recipe(path, overrides or []), str(path))
+            loaded = load_recipe(path, overrides or [])
+            from tunefleet.launcher.run.driver import check_recipe  # torch and the planner: only for a loaded recipe
+
+            check_recipe(loaded, str(path))
             out.print(f"[green]ok[/] {path}")
         except RecipeError as exc:
             failed = True
@@ -229,7 +230,34 @@ def schema() -> None:
     sys.stdout.write(json.dumps(Recipe.model_json_schema(), indent=2) + "\n")
 
 
-app.command("export")(export_command)
+@app.command("export")
+def export_checkpoint(
+    run_dir: Annotated[Path, typer.Argument(help="The run's output_dir (holds recipe.resolved.yaml).",
+                                            show_default=False)],
+    step: Annotated[int | None, typer.Option(help="Checkpoint step to export; default the latest complete one.")]
+    = None,
+    *,
+    out_dir: Annotated[Path, typer.Option("--out", help="New folder for the Hugging Face model or adapter.",
+                                          show_default=False)],
+    merge_lora: Annotated[bool, typer.Option("--merge-lora", help="LoRA runs: write the base model with the "
+                                             "adapters merged in instead of an adapter folder.")] = False,
+    dtype: Annotated[str, typer.Option(help="Dtype of the written weights: fp32 or bf16.")] = "fp32",
+    max_shard_size: Annotated[str, typer.Option(help="Split the weights into files of at most this size "
+                                                "(e.g. 500MB, 5GB), with an index.")] = DEFAULT_MAX_SHARD_SIZE,
+) -> None:
+    """Turn a checkpoint of any strategy into a Hugging Face folder (safetensors, config, tokenizer)."""
+    from tunefleet.launcher.run.export import export
+
+    report = export(run_dir, step=step, out=out_dir, merge_lora=merge_lora, dtype=dtype,
+                    max_shard_size=max_shard_size)
+    out.print(
+        f"exported {Path(report.checkpoint).name} ({report.strategy}, {report.kind}, {report.dtype}) to "
+        f"{report.out_dir}: {report.num_tensors} tensors, {report.total_bytes / 2**20:.1f} MiB in "
+        f"{len(report.files)} file(s); peak memory {report.peak_rss_bytes / 2**20:.0f} MiB "
+        f"(+{report.peak_extra_bytes / 2**20:.0f} MiB) in {report.seconds:.1f} s", highlight=False, soft_wrap=True,
+    )
+
+
 app.command()(submit)
 app.command()(status)
 app.command()(logs)

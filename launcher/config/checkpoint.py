@@ -9,6 +9,9 @@ from pydantic import Field
 
 from tunefleet.launcher.config.base import LocalPath, Section
 
+# `tunefleet export --max-shard-size` when not given: Hugging Face's own default for save_pretrained.
+DEFAULT_MAX_SHARD_SIZE = "5GB"
+
 
 class CheckpointConfig(Section):
     every_steps: int | None = Field(None, ge=1, description="Save a resumable checkpoint every N steps.")

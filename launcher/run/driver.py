@@ -84,6 +84,15 @@ def check_recipe(recipe: Recipe, source: str, *, on_this_machine: bool = False) 
     return plan
 
 
+def refuse_to_resume(existing: Path | None, recipe: Recipe, resume: str) -> None:
+    """``--resume never`` with a checkpoint in the checkpoint folder: a UserError naming it."""
+    if existing is not None and resume == "never":
+        raise UserError(
+            f"{recipe.checkpoint_dir} already holds checkpoints (latest {existing.name}); "
+            "use --resume auto to continue, or a new output_dir"
+        )
+
+
 @dataclass(frozen=True)
 class LaunchResult:
     output_dir: str
@@ -96,11 +105,7 @@ def prepare_job(recipe: Recipe, launch_plan: LaunchPlan, resume: str) -> tuple[J
     then tokenize once, as a Ray task on this node (bad rows raise DataError here)."""
     plan, reason = launch_plan.strategy, launch_plan.reason
     existing = checkpoint.latest(recipe.checkpoint_dir)
-    if existing is not None and resume == "never":
-        raise UserError(
-            f"{recipe.checkpoint_dir} already holds checkpoints (latest {existing.name}); "
-            "use --resume auto to continue, or a new output_dir"
-        )
+    refuse_to_resume(existing, recipe, resume)
     if existing is not None:
         saved_rows = checkpoint.read_meta(existing).get("global_batch_rows", plan.global_batch_rows)
         if saved_rows != plan.global_batch_rows:
@@ -153,6 +158,8 @@ def launch(recipe: Recipe, *, source: str, address: str | None = None, resume: s
     ``<output_dir>/launch.log`` and the console shows tunefleet's lines only."""
     console = console or LaunchConsole(enabled=recipe.logging.console)
     address = session.cluster_address(recipe, address)
+    # --resume never: refused before the checks and Ray, and again in prepare_job (a checkpoint may appear meanwhile)
+    refuse_to_resume(checkpoint.latest(recipe.checkpoint_dir), recipe, resume)
     plan = check_recipe(recipe, source, on_this_machine=address is None)  # before Ray starts
     started = time.time()
     output_dir = Path(recipe.output_dir)

@@ -38,19 +38,18 @@ import time
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Annotated, Literal
+from typing import Literal
 
 import torch
-import typer
 import yaml
 
 from tunefleet.launcher.config import RESOLVED_RECIPE, MethodConfig, Recipe
+from tunefleet.launcher.config.checkpoint import DEFAULT_MAX_SHARD_SIZE
 from tunefleet.launcher.errors import UserError
 from tunefleet.launcher.model import modeling, value_head
 from tunefleet.launcher.training import checkpoint
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
-DEFAULT_MAX_SHARD_SIZE = "5GB"
 _ADAPTER_NAME = "default"  # the name PEFT gives the one adapter training attaches
 _PEFT_PREFIX = "base_model.model."
 _PROMPT_TABLE = f"prompt_encoder.{_ADAPTER_NAME}.embedding.weight"  # prefix/prompt tuning's virtual tokens
@@ -425,27 +424,4 @@ def export(run_dir: str | Path, *, step: int | None = None, out: str | Path, mer
         out_dir=str(target), checkpoint=str(source), strategy=strategy, kind=kind, dtype=dtype,
         num_tensors=num_tensors, total_bytes=total_bytes, files=tuple(files), start_rss_bytes=memory.start,
         peak_rss_bytes=memory.peak, seconds=time.perf_counter() - started,
-    )
-
-
-def export_command(
-    run_dir: Annotated[Path, typer.Argument(help="The run's output_dir (holds recipe.resolved.yaml).",
-                                            show_default=False)],
-    step: Annotated[int | None, typer.Option(help="Checkpoint step to export; default the latest complete one.")]
-    = None,
-    *,
-    out: Annotated[Path, typer.Option(help="New folder for the Hugging Face model or adapter.", show_default=False)],
-    merge_lora: Annotated[bool, typer.Option("--merge-lora", help="LoRA runs: write the base model with the "
-                                             "adapters merged in instead of an adapter folder.")] = False,
-    dtype: Annotated[str, typer.Option(help="Dtype of the written weights: fp32 or bf16.")] = "fp32",
-    max_shard_size: Annotated[str, typer.Option(help="Split the weights into files of at most this size "
-                                                "(e.g. 500MB, 5GB), with an index.")] = DEFAULT_MAX_SHARD_SIZE,
-) -> None:
-    """Turn a checkpoint of any strategy into a Hugging Face folder (safetensors, config, tokenizer)."""
-    report = export(run_dir, step=step, out=out, merge_lora=merge_lora, dtype=dtype, max_shard_size=max_shard_size)
-    typer.echo(
-        f"exported {Path(report.checkpoint).name} ({report.strategy}, {report.kind}, {report.dtype}) to "
-        f"{report.out_dir}: {report.num_tensors} tensors, {report.total_bytes / 2**20:.1f} MiB in "
-        f"{len(report.files)} file(s); peak memory {report.peak_rss_bytes / 2**20:.0f} MiB "
-        f"(+{report.peak_extra_bytes / 2**20:.0f} MiB) in {report.seconds:.1f} s"
     )

@@ -2,7 +2,7 @@
 
 Set ``TUNEFLEET_FAULT="rank=1,step=5,kind=sigkill"`` when launching (``at=step``,
 the default, fires before that step's forward; ``at=checkpoint`` fires while the
-checkpoint of that step is half written). The driver forwards ``TUNEFLEET_*``
+checkpoint of that step is half written); several faults are separated by ``;``. The driver forwards ``TUNEFLEET_*``
 variables to the workers, where the training loop reads the spec (``planned``).
 Each fault fires once per output folder (a marker file remembers it), so the
 restarted worker group runs past it.
@@ -25,11 +25,14 @@ class InjectedFault(RuntimeError):
     pass
 
 
-def parse(spec: str) -> dict:
-    """`rank=1,step=5,kind=sigkill[,at=checkpoint][,seconds=30]` -> dict; empty spec -> {}."""
-    if not spec:
-        return {}
-    fault = dict(part.split("=", 1) for part in spec.split(","))
+def parse(spec: str) -> list[dict]:
+    """`rank=1,step=5,kind=sigkill[,at=checkpoint][,seconds=30]` (``;`` between several) -> one dict per
+    fault; empty spec -> []."""
+    return [_parse_one(part) for part in spec.split(";") if part.strip()]
+
+
+def _parse_one(spec: str) -> dict:
+    fault = dict(part.split("=", 1) for part in spec.strip().split(","))
     if fault.get("kind") not in KINDS:
         raise ValueError(f"TUNEFLEET_FAULT kind must be one of {KINDS}: {spec!r}")
     if fault.get("at", "step") not in PLACES:
@@ -38,14 +41,18 @@ def parse(spec: str) -> dict:
             "at": fault.get("at", "step"), "seconds": float(fault.get("seconds", 3600))}
 
 
-def planned() -> dict:
-    """The fault this process's environment plans (``TUNEFLEET_FAULT``); {} in normal runs."""
+def planned() -> list[dict]:
+    """The faults this process's environment plans (``TUNEFLEET_FAULT``); [] in normal runs."""
     return parse(os.environ.get(ENV, ""))
 
 
-def maybe_inject(fault: dict, *, rank: int, step: int, at: str, output_dir: str) -> None:
-    if (fault["rank"], fault["step"], fault["at"]) != (rank, step, at):
-        return
+def maybe_inject(plan: list[dict], *, rank: int, step: int, at: str, output_dir: str) -> None:
+    for fault in plan:
+        if (fault["rank"], fault["step"], fault["at"]) == (rank, step, at):
+            _inject(fault, rank=rank, step=step, at=at, output_dir=output_dir)
+
+
+def _inject(fault: dict, *, rank: int, step: int, at: str, output_dir: str) -> None:
     marker = Path(output_dir) / f".fault-rank{rank}-step{step}-{at}"
     if marker.exists():
         return

@@ -78,7 +78,7 @@ class TrainLoop:
         self.rank, self.world_size = dist.get_rank(), dist.get_world_size()
         self.plan = rebalance(job.strategy_plan, world_size=self.world_size)
         self.device = self.plan.device
-        self.fault = faults.planned()  # test-only fault injection; {} in normal runs
+        self.faults = faults.planned()  # test-only fault injection; [] in normal runs
         self.preflight: dict = {}
         # Where the run stands; a resume restores it from the checkpoint.
         self.start_step = 0
@@ -337,8 +337,8 @@ class TrainLoop:
 
     def inject_fault(self, step: int, at: str) -> None:
         """Test hook: act on a fault planned for (rank, step, place); no-op in normal runs."""
-        if self.fault:
-            faults.maybe_inject(self.fault, rank=self.rank, step=step, at=at, output_dir=self.recipe.output_dir)
+        if self.faults:
+            faults.maybe_inject(self.faults, rank=self.rank, step=step, at=at, output_dir=self.recipe.output_dir)
 
 
 def evaluate_exported(job: EvalJob) -> dict[str, float]:

@@ -66,7 +66,9 @@ class Reporter:
         if not self.enabled:
             return
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        truncate_after(self.path, start_step)
+        # A resume keeps the rows up to its checkpoint's step; a start without one (a first launch, or a restart
+        # before the first checkpoint) redoes everything, the evaluation at step 0 included.
+        truncate_after(self.path, start_step if resumed_from else -1)
         self._send({"event": "start", "start_step": start_step, "attachments": attachments or {},
                     "resumed_from": str(resumed_from) if resumed_from else None})
 

@@ -54,35 +54,30 @@ def test_sigkill_while_writing_a_checkpoint_ignores_the_partial_one(baseline_ful
     assert not list((out / "checkpoints").glob(".partial-*"))
 
 
-def test_raised_exception_restarts_too(baseline_full, ray_cluster, tmp_path):
-    out = tmp_path / "raised"
-    result = faulty_run(ray_cluster, out, "rank=0,step=20,kind=raise")
-    assert (out / ".fault-rank0-step20-step").exists()
-    assert "worker failed: rank 0 on node" in result.stdout
-    assert "raised InjectedFault: injected fault at rank 0, step 20" in result.stdout, result.stdout
+def test_each_way_a_worker_ends_is_named_and_the_run_resumes_bitwise(baseline_full, ray_cluster, tmp_path):
+    """Three faults in one launch, each restarting the group: a SIGTERM to a rank (step 5, before the first
+    checkpoint: the restart begins again at step 1), a segfault (a broken kernel, a bad extension; step 11) named
+    with its traceback file, and a raised exception (step 20) named with its message."""
+    out = tmp_path / "three-faults"
+    result = launch(FULL, out, "--set=fault_tolerance.max_restarts=3", address=ray_cluster.address,
+                    env={"TUNEFLEET_FAULT": "rank=0,step=5,kind=sigterm;rank=1,step=11,kind=segv;"
+                                            "rank=0,step=20,kind=raise"})
+    for marker in (".fault-rank0-step5-step", ".fault-rank1-step11-step", ".fault-rank0-step20-step"):
+        assert (out / marker).exists(), f"{marker}: the fault never fired"
+    failures = [line for line in result.stdout.splitlines() if "worker failed: " in line]
+    sigterm, segv, raised = (next((i for i, line in enumerate(failures) if all(t in line for t in texts)), None)
+                             for texts in (("rank 0 on node", "received SIGTERM"),
+                                           ("rank 1 on node", "crashed: SIGSEGV (segmentation fault) (traceback: "),
+                                           ("rank 0 on node", "raised InjectedFault: injected fault at rank 0, "
+                                                              "step 20")))
+    assert None not in (sigterm, segv, raised) and sigterm < segv < raised, result.stdout
+    traceback = Path(re.search(r"\(traceback: (\S+)\)", failures[segv]).group(1)).read_text()
+    assert "Fatal Python error: Segmentation fault" in traceback
+    assert "maybe_inject" in traceback  # where it crashed
+    assert "restart 3/3 from" in result.stdout and "step_16" in result.stdout
+    assert json.loads((out / "summary.json").read_text())["restarts"] == 3
     assert_bitwise_equal(final_weights(out), final_weights(baseline_full[0]))
-
-
-def test_a_crashing_worker_is_named_with_its_signal_and_the_run_resumes(baseline_full, ray_cluster, tmp_path):
-    """A segfault in a rank (a broken kernel, a bad extension) is reported as one, with its traceback file."""
-    out = tmp_path / "segv"
-    result = faulty_run(ray_cluster, out, "rank=1,step=11,kind=segv")
-    assert (out / ".fault-rank1-step11-step").exists()
-    assert "worker failed: rank 1 on node" in result.stdout
-    assert "crashed: SIGSEGV (segmentation fault) (traceback: " in result.stdout, result.stdout
-    traceback = re.search(r"\(traceback: (\S+)\)", result.stdout).group(1)
-    assert "Fatal Python error: Segmentation fault" in Path(traceback).read_text()
-    assert "maybe_inject" in Path(traceback).read_text()  # where it crashed
-    assert_bitwise_equal(final_weights(out), final_weights(baseline_full[0]))
-
-
-def test_sigterm_to_a_worker_is_named_and_the_run_resumes(baseline_full, ray_cluster, tmp_path):
-    out = tmp_path / "worker-sigterm"
-    result = faulty_run(ray_cluster, out, "rank=0,step=5,kind=sigterm")
-    assert (out / ".fault-rank0-step5-step").exists()
-    assert "worker failed: rank 0 on node" in result.stdout
-    assert "received SIGTERM" in result.stdout, result.stdout
-    assert_bitwise_equal(final_weights(out), final_weights(baseline_full[0]))
+    assert_clean_metrics(out)
 
 
 def test_sigterm_checkpoints_exits_75_and_the_next_launch_resumes(baseline_full, ray_cluster, tmp_path):

@@ -80,6 +80,23 @@ def test_the_finish_event_carries_a_typed_outcome_that_survives_pickling(tmp_pat
     assert "stopped early at step 12 of 24" in out.getvalue()
 
 
+def test_a_start_keeps_the_rows_up_to_its_checkpoint_and_a_start_without_one_none(tmp_path):
+    """A restart before the first checkpoint redoes the evaluation at step 0: its row is not there twice."""
+    import json
+
+    from tunefleet.launcher.training.metrics import Reporter
+
+    reporter = Reporter(enabled=True, output_dir=str(tmp_path), hub=LocalHub([]))
+    reporter.start(start_step=0, resumed_from=None)
+    for step, key in ((0, "eval_loss"), (1, "loss"), (2, "loss"), (3, "loss")):
+        reporter.log({"step": step, key: 1.0})
+    steps = lambda: [json.loads(line)["step"] for line in reporter.path.read_text().splitlines()]  # noqa: E731
+    reporter.start(start_step=2, resumed_from=tmp_path / "checkpoints" / "step_2")
+    assert steps() == [0, 1, 2]
+    reporter.start(start_step=0, resumed_from=None)
+    assert steps() == []
+
+
 class LocalHub:
     """The hub's ``put`` called in place (control.HubActor is the Ray actor)."""
 

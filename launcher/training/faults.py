@@ -2,8 +2,9 @@
 
 Set ``TUNEFLEET_FAULT="rank=1,step=5,kind=sigkill"`` when launching (``at=step``,
 the default, fires before that step's forward; ``at=checkpoint`` fires while the
-checkpoint of that step is half written); several faults are separated by ``;``. The driver forwards ``TUNEFLEET_*``
-variables to the workers, where the training loop reads the spec (``planned``).
+checkpoint of that step is half written); ``;`` separates several faults. The
+driver forwards ``TUNEFLEET_*`` variables to the workers, where the training loop
+reads the spec (``planned``).
 Each fault fires once per output folder (a marker file remembers it), so the
 restarted worker group runs past it.
 """

@@ -14,9 +14,14 @@ from tests.e2e.conftest import FULL, STEPS, assert_bitwise_equal, final_weights,
 pytestmark = pytest.mark.e2e
 
 
-def faulty_run(ray_cluster, out, fault: str):
-    return launch(FULL, out, "--set=fault_tolerance.max_restarts=2", address=ray_cluster.address,
+def faulty_run(ray_cluster, out, fault: str, max_restarts: int = 2):
+    return launch(FULL, out, f"--set=fault_tolerance.max_restarts={max_restarts}", address=ray_cluster.address,
                   env={"TUNEFLEET_FAULT": fault})
+
+
+def line_naming(lines: list[str], *texts: str) -> int | None:
+    """Index of the first line holding every one of ``texts``; None when none does."""
+    return next((i for i, line in enumerate(lines) if all(text in line for text in texts)), None)
 
 
 def assert_clean_metrics(out):
@@ -59,17 +64,14 @@ def test_each_way_a_worker_ends_is_named_and_the_run_resumes_bitwise(baseline_fu
     checkpoint: the restart begins again at step 1), a segfault (a broken kernel, a bad extension; step 11) named
     with its traceback file, and a raised exception (step 20) named with its message."""
     out = tmp_path / "three-faults"
-    result = launch(FULL, out, "--set=fault_tolerance.max_restarts=3", address=ray_cluster.address,
-                    env={"TUNEFLEET_FAULT": "rank=0,step=5,kind=sigterm;rank=1,step=11,kind=segv;"
-                                            "rank=0,step=20,kind=raise"})
+    three = "rank=0,step=5,kind=sigterm;rank=1,step=11,kind=segv;rank=0,step=20,kind=raise"
+    result = faulty_run(ray_cluster, out, three, max_restarts=3)
     for marker in (".fault-rank0-step5-step", ".fault-rank1-step11-step", ".fault-rank0-step20-step"):
         assert (out / marker).exists(), f"{marker}: the fault never fired"
     failures = [line for line in result.stdout.splitlines() if "worker failed: " in line]
-    sigterm, segv, raised = (next((i for i, line in enumerate(failures) if all(t in line for t in texts)), None)
-                             for texts in (("rank 0 on node", "received SIGTERM"),
-                                           ("rank 1 on node", "crashed: SIGSEGV (segmentation fault) (traceback: "),
-                                           ("rank 0 on node", "raised InjectedFault: injected fault at rank 0, "
-                                                              "step 20")))
+    sigterm = line_naming(failures, "rank 0 on node", "received SIGTERM")
+    segv = line_naming(failures, "rank 1 on node", "crashed: SIGSEGV (segmentation fault) (traceback: ")
+    raised = line_naming(failures, "rank 0 on node", "raised InjectedFault: injected fault at rank 0, step 20")
     assert None not in (sigterm, segv, raised) and sigterm < segv < raised, result.stdout
     traceback = Path(re.search(r"\(traceback: (\S+)\)", failures[segv]).group(1)).read_text()
     assert "Fatal Python error: Segmentation fault" in traceback

@@ -90,7 +90,9 @@ def test_a_start_keeps_the_rows_up_to_its_checkpoint_and_a_start_without_one_non
     reporter.start(start_step=0, resumed_from=None)
     for step, key in ((0, "eval_loss"), (1, "loss"), (2, "loss"), (3, "loss")):
         reporter.log({"step": step, key: 1.0})
-    steps = lambda: [json.loads(line)["step"] for line in reporter.path.read_text().splitlines()]  # noqa: E731
+    def steps() -> list[int]:
+        return [json.loads(line)["step"] for line in reporter.path.read_text().splitlines()]
+
     reporter.start(start_step=2, resumed_from=tmp_path / "checkpoints" / "step_2")
     assert steps() == [0, 1, 2]
     reporter.start(start_step=0, resumed_from=None)

@@ -7,6 +7,10 @@ count of its memory cgroup, and files that ``faulthandler`` fills if the process
 signal (SIGSEGV, SIGBUS, SIGFPE, SIGABRT, SIGILL) or a SIGTERM/SIGHUP. After a failure the Ray
 Train controller hands tunefleet the exception of each failed rank; ``describe`` reads that
 exception with the rank's evidence and names the cause.
+
+A rank that dies leaves its peers' collectives broken ("Connection closed by peer"), and a peer
+often reports that before Ray has noticed the death: ``describe_all`` then looks for the rank of
+the same attempt that is gone, so the cause is named rather than its echo.
 """
 
 from __future__ import annotations
@@ -26,6 +30,10 @@ FATAL_SIGNALS = {"SIGSEGV": "segmentation fault", "SIGBUS": "bus error", "SIGFPE
                  "SIGABRT": "abort", "SIGILL": "illegal instruction"}
 REPORTED_SIGNALS = (signal.SIGTERM, signal.SIGHUP)  # reported, then handled as before (chain)
 CGROUP_OOM_FILES = (Path("/sys/fs/cgroup/memory.events"), Path("/sys/fs/cgroup/memory/memory.oom_control"))
+# What a collective raises when the rank at the other end is gone (gloo, NCCL, the TCP store)
+PEER_GONE = re.compile(r"connection (closed|reset) by peer|remote process exited|communicator was aborted|"
+                       r"broken pipe|ncclRemoteError", re.IGNORECASE)
+ACTOR_DIED = "The actor died"  # how Ray begins the report of a worker whose process is gone
 
 _open_files: list = []  # faulthandler writes to these file objects; they must outlive the attempt
 
@@ -61,8 +69,12 @@ def watch(output_dir: str, rank: int, node_ip: str, node_id: str) -> Path:
         report = (folder / f"rank{rank}-{pid}.{signal.Signals(signum).name}").open("w")
         faulthandler.register(signum, file=report, all_threads=False, chain=True)
         _open_files.append(report)
+    # Ray Train picks a fresh rendezvous (MASTER_ADDR:MASTER_PORT) for each attempt: it tells this
+    # attempt's ranks from files an earlier, larger attempt left behind
+    port = os.environ.get("MASTER_PORT")
+    rendezvous = f"{os.environ.get('MASTER_ADDR', '')}:{port}" if port else None
     identity = {"rank": rank, "pid": pid, "host": socket.gethostname(), "node_ip": node_ip,
-                "node_id": node_id, "oom_kills": kernel_oom_kills()}
+                "node_id": node_id, "oom_kills": kernel_oom_kills(), "rendezvous": rendezvous}
     (folder / f"rank{rank}.json").write_text(json.dumps(identity))
     return folder
 
@@ -81,19 +93,16 @@ class Failure:
 
 
 def describe(rank: int, error: BaseException | str, output_dir: str, *,
-             node_lost: Callable[[str], bool] | None = None,
+             lost_nodes: Callable[[set[str]], set[str]] | None = None,
              oom_files: tuple[Path, ...] = CGROUP_OOM_FILES) -> Failure:
     """One rank's failure, from Ray's exception for it and the files the rank left in ``watch``.
-    ``node_lost(node_id)``: whether the cluster lost that node (asked only for a death without a trace)."""
+    ``lost_nodes(node_ids)``: which of those nodes the cluster lost (asked only for a death without a trace)."""
     folder = Path(output_dir) / WORKERS_DIR
     report = str(error)
     identity = _read_json(folder / f"rank{rank}.json")
-    pid = identity.get("pid") or _field(report, "pid")
-    ip = identity.get("node_ip") or _field(report, "ip") or "an unknown node"
-    details = [f"id {identity['node_id'][:8]}"] if identity.get("node_id") else []
-    where = f"node {ip}" + (f" ({', '.join([*details, f'pid {pid}'])})" if pid else "")
+    where = _where(identity, report)
     cause = getattr(error, "health_check_failure", None)  # Ray Train: the worker's actor is gone
-    if cause is None and "The actor died" not in report and "health check" not in report.lower():
+    if cause is None and ACTOR_DIED not in report and "health check" not in report.lower():
         return Failure(rank, where, _raised(error), died=False)
     if re.search(r"node (has )?died|node .* (was )?(lost|removed)|NodeDiedError", report, re.IGNORECASE):
         return Failure(rank, where, "was lost with its node", died=True)
@@ -114,10 +123,31 @@ def describe(rank: int, error: BaseException | str, output_dir: str, *,
         now = kernel_oom_kills(oom_files)
     if before is not None and now is not None and now > before:
         return Failure(rank, where, "was killed by the kernel OOM killer: the host ran out of memory", died=True)
-    if node_lost is not None and identity.get("node_id") and node_lost(identity["node_id"]):
+    node = identity.get("node_id")
+    if lost_nodes is not None and node and node in lost_nodes({node}):
         return Failure(rank, where, "was lost with its node", died=True)
     return Failure(rank, where, "was killed without a Python error or a signal it could report: SIGKILL "
                    "(kill -9, a scheduler) or os._exit", died=True)
+
+
+def describe_all(errors: dict[int, BaseException | str], output_dir: str, *,
+                 lost_nodes: Callable[[set[str]], set[str]] | None = None,
+                 oom_files: tuple[Path, ...] = CGROUP_OOM_FILES) -> list[Failure]:
+    """Every failed rank's failure, by rank. If every rank that failed only lost a peer, the ranks of the
+    same attempt that did not fail (yet) are looked at: one whose process (on this host) or node is gone
+    is the cause, which Ray reports seconds later if at all."""
+    found = [describe(rank, error, output_dir, lost_nodes=lost_nodes, oom_files=oom_files)
+             for rank, error in sorted(errors.items())]
+    if any(f.died for f in found) or not all(PEER_GONE.search(str(error)) for error in errors.values()):
+        return found
+    peers = _silent_peers(Path(output_dir) / WORKERS_DIR, set(errors))
+    gone = [describe(peer["rank"], ACTOR_DIED, output_dir, lost_nodes=lost_nodes, oom_files=oom_files)
+            for peer in peers if peer.get("host") == socket.gethostname() and not _alive(peer.get("pid"))]
+    rest = [peer for peer in peers if peer["rank"] not in {f.rank for f in gone} and peer.get("node_id")]
+    lost = lost_nodes({peer["node_id"] for peer in rest}) if lost_nodes and rest else set()
+    gone += [Failure(peer["rank"], _where(peer, ""), "was lost with its node", died=True)
+             for peer in rest if peer["node_id"] in lost]
+    return sorted(found + gone, key=lambda failure: failure.rank)
 
 
 def summary(failures: list[Failure]) -> str:
@@ -127,6 +157,34 @@ def summary(failures: list[Failure]) -> str:
     rest = sorted(f.rank for f in failures if f not in first)
     tail = f"; rank{'s' if len(rest) > 1 else ''} {', '.join(map(str, rest))} stopped with it" if rest else ""
     return "; ".join(f.line() for f in first) + tail
+
+
+def _silent_peers(folder: Path, failed: set[int]) -> list[dict]:
+    """The identities of the ranks of the failed ranks' attempt (same rendezvous) that did not fail."""
+    attempts = {_read_json(folder / f"rank{rank}.json").get("rendezvous") for rank in failed} - {None}
+    peers = [_read_json(path) for path in sorted(folder.glob("rank*.json"))]
+    return [identity for identity in peers
+            if identity.get("rendezvous") in attempts and identity.get("rank") not in failed]
+
+
+def _where(identity: dict, report: str) -> str:
+    """"node 10.0.0.3 (id 1a2b3c4d, pid 4242)", from the rank's identity or Ray's report of it."""
+    pid = identity.get("pid") or _field(report, "pid")
+    ip = identity.get("node_ip") or _field(report, "ip") or "an unknown node"
+    details = [f"id {identity['node_id'][:8]}"] if identity.get("node_id") else []
+    return f"node {ip}" + (f" ({', '.join([*details, f'pid {pid}'])})" if pid else "")
+
+
+def _alive(pid: int | None) -> bool:
+    if not pid:
+        return True  # unknown: no claim
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        pass
+    return True
 
 
 def _raised(error: BaseException | str) -> str:

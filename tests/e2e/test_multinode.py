@@ -53,6 +53,12 @@ def wait_for_step(out, step: int, proc, timeout_s: float = 300) -> None:
     raise AssertionError(f"run never reached step {step}")
 
 
+def node_of_rank(cluster, out, rank: int) -> subprocess.Popen:
+    """The `ray start` process of the node that runs this rank (its worker is in that node's session)."""
+    pid = json.loads((out / ".workers" / f"rank{rank}.json").read_text())["pid"]
+    return next(node for node in cluster.nodes if os.getsid(pid) == node.pid)
+
+
 def finish(proc) -> str:
     stdout, stderr = proc.communicate(timeout=600)
     assert proc.returncode == 0, stdout[-3000:] + stderr[-4000:]
@@ -75,10 +81,12 @@ def test_node_loss_continues_on_fewer_workers_with_min_workers(cluster, tmp_path
     out = tmp_path / "shrink"
     proc = start_launch(cluster, out, "--set=parallelism.min_workers=1", pause_after=10)
     wait_for_step(out, 10, proc)  # past the step-8 checkpoint, paused before step 11
-    RayCluster.kill(cluster.nodes[1])
+    # the node of the paused rank: rank 0, waiting on it in a collective, fails at once with "Connection
+    # closed by peer", before the cluster has noticed the node is gone; the line must name the node's loss
+    RayCluster.kill(node_of_rank(cluster, out, 1))
     stdout = finish(proc)
     assert "restart 1/" in stdout and " from " in stdout and "step_8" in stdout
-    lost = r"worker failed: rank \d on node [\d.]+ \(id \w{8}, pid \d+\) was lost with its node"
+    lost = r"worker failed: rank 1 on node [\d.]+ \(id \w{8}, pid \d+\) was lost with its node"
     assert re.search(lost, stdout), stdout
     assert_complete(out)
 
@@ -87,7 +95,7 @@ def test_node_loss_waits_for_a_replacement_without_min_workers(cluster, tmp_path
     out = tmp_path / "replace"
     proc = start_launch(cluster, out, pause_after=10)
     wait_for_step(out, 10, proc)
-    RayCluster.kill(cluster.nodes[1])
+    RayCluster.kill(node_of_rank(cluster, out, 1))
     cluster.wait_for_nodes(2)
     time.sleep(5)
     last_before = len(read_metrics(out)[0])

@@ -30,7 +30,7 @@ from tunefleet.launcher.run import folders, session, tokenize_task
 from tunefleet.launcher.run.console import LaunchConsole
 from tunefleet.launcher.training import checkpoint
 from tunefleet.launcher.training.control import EXIT_PREEMPTED, forward_signals_to
-from tunefleet.launcher.training.loop import STARTUP_FILE, Job
+from tunefleet.launcher.training.job import STARTUP_FILE, Job
 from tunefleet.launcher.training.metrics import WandbRun
 from tunefleet.launcher.training.outcome import Outcome, RunState
 from tunefleet.launcher.training.preflight import package_versions

@@ -22,7 +22,7 @@ from tunefleet.launcher.data import batches
 from tunefleet.launcher.errors import TrainingFailed, UserError
 from tunefleet.launcher.model import modeling
 from tunefleet.launcher.run import driver, session, tokenize_task
-from tunefleet.launcher.training.loop import EvalJob
+from tunefleet.launcher.training.job import EvalJob
 from tunefleet.launcher.training.worker import eval_loop_per_worker
 
 

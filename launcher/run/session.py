@@ -12,7 +12,7 @@ from pathlib import Path
 from tunefleet.launcher.collectives import process_group_backend
 from tunefleet.launcher.config import Recipe
 from tunefleet.launcher.training import secrets
-from tunefleet.launcher.training.loop import Job
+from tunefleet.launcher.training.job import Job
 from tunefleet.strategies.compat import deepspeed_env
 
 # An embedded Ray without a dashboard: nothing reads its metrics, task events or event-loop statistics, no

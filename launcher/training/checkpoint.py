@@ -25,7 +25,6 @@ import torch.distributed as dist
 
 from tunefleet.launcher import collectives
 from tunefleet.strategies.base import Strategy
-from tunefleet.strategies.dcp_state import AsyncSave
 
 COMPLETE = "COMPLETE"
 _STEP_DIR = re.compile(r"^step_(\d+)$")
@@ -110,6 +109,9 @@ class CheckpointManager:
         _barrier()
         torch.save(rng_state(), partial / "rng" / f"rank_{_rank()}.pt")
         meta = {**meta, "step": step}
+        # DCP's import (~0.5 s) is a worker's: the driver reads checkpoint folders only
+        from tunefleet.strategies.dcp_state import AsyncSave
+
         if self.async_save and isinstance(strategy, AsyncSave):
             future = strategy.save_async(str(partial / "state"), self._checkpoint_group())
             self._pending = threading.Thread(

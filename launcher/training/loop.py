@@ -11,7 +11,6 @@ from __future__ import annotations
 import json
 import random
 import time
-from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -19,7 +18,6 @@ import torch
 import torch.distributed as dist
 
 from tunefleet.launcher import collectives
-from tunefleet.launcher.config import Recipe
 from tunefleet.launcher.data import batches
 from tunefleet.launcher.evaluation.best_metric import META_KEY as BEST_KEY
 from tunefleet.launcher.evaluation.best_metric import BestMetric
@@ -31,36 +29,11 @@ from tunefleet.launcher.plan.layout import rebalance
 from tunefleet.launcher.training import faults, throughput
 from tunefleet.launcher.training.checkpoint import CheckpointManager, latest, read_meta
 from tunefleet.launcher.training.control import StopPoller
+from tunefleet.launcher.training.job import STARTUP_FILE, EvalJob, Job
 from tunefleet.launcher.training.metrics import Reporter
 from tunefleet.launcher.training.outcome import Outcome, RunState
 from tunefleet.launcher.training.preflight import run_preflight
 from tunefleet.strategies import registry as strategies
-from tunefleet.strategies.base import StrategyPlan
-
-STARTUP_FILE = "startup.json"
-
-
-@dataclass(frozen=True)
-class Job:
-    """What the driver resolved before workers start (shipped to every worker)."""
-
-    recipe: Recipe
-    strategy_plan: StrategyPlan
-    model_path: str
-    data_dir: str
-    wandb_run_id: str
-    launch_id: str = ""
-    attachments: dict = field(default_factory=dict)  # e.g. the planner's report, for the W&B run
-    driver_versions: dict = field(default_factory=dict)
-    host_bytes_needed: int = 0
-
-
-@dataclass(frozen=True)
-class EvalJob(Job):
-    """What the driver resolved for `tunefleet eval`: the run's recipe with the evaluated file as its data, and
-    the exported model or adapter (``model_path`` stays the base: tokenizer, adapters, DPO's reference)."""
-
-    model_dir: str = field(kw_only=True)
 
 
 def seed_everything(seed: int) -> None:

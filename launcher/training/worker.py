@@ -23,12 +23,12 @@ from tunefleet.launcher.training.metrics import Reporter
 
 
 def pack_job(job) -> bytes:
-    """Driver: the job (a `loop.Job` or `loop.EvalJob`) as bytes for ``train_loop_config``."""
+    """Driver: the job (a `job.Job` or `job.EvalJob`) as bytes for ``train_loop_config``."""
     return ray.cloudpickle.dumps(job)
 
 
 def unpack_job(blob: bytes):
-    """Worker: the job `pack_job` packed; imports the loop, torch and transformers."""
+    """Worker: the job `pack_job` packed; imports what it holds (the recipe, the strategy plan)."""
     return ray.cloudpickle.loads(blob)
 
 

@@ -16,6 +16,7 @@ import threading
 import time
 import uuid
 from collections.abc import Iterator
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -26,6 +27,7 @@ from tunefleet.launcher.model import modeling
 from tunefleet.launcher.objectives.rl_rewards import RewardError, check_rewards
 from tunefleet.launcher.objectives.select import reward_specs
 from tunefleet.launcher.plan.layout import LaunchPlan, make_plan, rebalance
+from tunefleet.launcher.plan.memory_fit import PlanReport
 from tunefleet.launcher.run import folders, session, tokenize_task
 from tunefleet.launcher.run.console import LaunchConsole
 from tunefleet.launcher.training import checkpoint
@@ -100,9 +102,11 @@ class LaunchResult:
     outcome: Outcome | None = None  # how the workers ended (None: they never said)
 
 
-def prepare_job(recipe: Recipe, launch_plan: LaunchPlan, resume: str) -> tuple[Job, str]:
+def prepare_job(recipe: Recipe, launch_plan: LaunchPlan, resume: str,
+                memory: Future[PlanReport] | None = None) -> tuple[Job, str]:
     """With Ray up and the recipe checked (``check_recipe``): settle the plan against any checkpoint,
-    then tokenize once, as a Ray task on this node (bad rows raise DataError here)."""
+    then tokenize once, as a Ray task on this node (bad rows raise DataError here). ``memory``: the
+    planner's report when it is already being made (a launch starts it beside Ray's start)."""
     plan, reason = launch_plan.strategy, launch_plan.reason
     existing = checkpoint.latest(recipe.checkpoint_dir)
     refuse_to_resume(existing, recipe, resume)
@@ -114,7 +118,7 @@ def prepare_job(recipe: Recipe, launch_plan: LaunchPlan, resume: str) -> tuple[J
     wandb_run_id = checkpoint.read_meta(existing).get("wandb_run_id") if existing else None
     model_path = modeling.resolve_model_path(recipe.model)
     data_dir = tokenize_task.prepare_on_ray(recipe.data, model_path, seed=recipe.train.seed)
-    report = launch_plan.memory_report(recipe)
+    report = memory.result() if memory is not None else launch_plan.memory_report(recipe)
     job = Job(
         recipe=recipe, strategy_plan=plan,
         host_bytes_needed=report.row_for(plan.name).host_bytes * report.workers_per_node,
@@ -187,10 +191,14 @@ def _launch_on_ray(recipe: Recipe, plan: LaunchPlan, console: LaunchConsole, *,
                    address: str | None, resume: str, started: float) -> LaunchResult:
     import ray
 
+    planner = ThreadPoolExecutor(max_workers=1, thread_name_prefix="tunefleet-planner")
+    # the planner's report (a model built on the meta device, ~2 s of imports) is made while Ray starts
+    memory = planner.submit(plan.memory_report, recipe)
+    planner.shutdown(wait=False)
     dashboard = session.connect(recipe, address)
     phases = {"launch": started, "ray_ready": time.time()}
     try:
-        job, reason = prepare_job(recipe, plan, resume)
+        job, reason = prepare_job(recipe, plan, resume, memory)
         phases["job_prepared"] = time.time()
         output_dir = Path(recipe.output_dir)
         output_dir.mkdir(parents=True, exist_ok=True)

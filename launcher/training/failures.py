@@ -135,7 +135,9 @@ def describe_all(errors: dict[int, BaseException | str], output_dir: str, *,
                  oom_files: tuple[Path, ...] = CGROUP_OOM_FILES) -> list[Failure]:
     """Every failed rank's failure, by rank. If every rank that failed only lost a peer, the ranks of the
     same attempt that did not fail (yet) are looked at: one whose process (on this host) or node is gone
-    is the cause, which Ray reports seconds later if at all."""
+    is the cause, which Ray reports seconds later if at all. Each node is waited on once (``lost_nodes``
+    may wait seconds for a node that lives: several ranks killed on it would each have waited)."""
+    lost_nodes = _asked_once(lost_nodes) if lost_nodes is not None else None
     found = [describe(rank, error, output_dir, lost_nodes=lost_nodes, oom_files=oom_files)
              for rank, error in sorted(errors.items())]
     if any(f.died for f in found) or not all(PEER_GONE.search(str(error)) for error in errors.values()):
@@ -157,6 +159,20 @@ def summary(failures: list[Failure]) -> str:
     rest = sorted(f.rank for f in failures if f not in first)
     tail = f"; rank{'s' if len(rest) > 1 else ''} {', '.join(map(str, rest))} stopped with it" if rest else ""
     return "; ".join(f.line() for f in first) + tail
+
+
+def _asked_once(lost_nodes: Callable[[set[str]], set[str]]) -> Callable[[set[str]], set[str]]:
+    """``lost_nodes`` that remembers its answers: a node seen lost, or waited on in full and found alive,
+    is not asked about again."""
+    known: dict[str, bool] = {}
+
+    def ask(node_ids: set[str]) -> set[str]:
+        if unknown := node_ids - known.keys():
+            lost = lost_nodes(unknown)
+            known.update(dict.fromkeys(lost, True) if lost else dict.fromkeys(unknown, False))
+        return {node for node in node_ids if known.get(node)}
+
+    return ask
 
 
 def _silent_peers(folder: Path, failed: set[int]) -> list[dict]:

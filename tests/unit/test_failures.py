@@ -158,3 +158,14 @@ def test_no_peer_is_blamed_when_every_peer_is_alive_or_the_error_is_not_a_lost_p
     echo = failures.describe_all({0: ValueError("bad batch"), 2: PEER_CLOSED}, str(tmp_path),
                                  lost_nodes=lambda nodes: asked.append(nodes) or nodes)
     assert [f.rank for f in echo] == [0, 2] and asked == []  # nor when one rank's own error broke the rest
+
+
+def test_a_node_is_waited_on_once_however_many_of_its_ranks_died_without_a_trace(tmp_path):
+    """Asking whether a living node is lost waits (5 s in a launch); three ranks SIGKILLed on it wait once."""
+    for rank in range(3):
+        write_identity(tmp_path, rank=rank, pid=4242 + rank, node_id="n0", host="elsewhere")
+    asked = []
+    found = failures.describe_all({rank: HealthCheckFailed(ACTOR_DIED) for rank in range(3)}, str(tmp_path),
+                                  lost_nodes=lambda nodes: asked.append(nodes) or set())
+    assert asked == [{"n0"}]
+    assert all(f.died and "SIGKILL" in f.how for f in found) and len(found) == 3

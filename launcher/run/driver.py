@@ -103,10 +103,10 @@ class LaunchResult:
 
 
 def prepare_job(recipe: Recipe, launch_plan: LaunchPlan, resume: str,
-                memory: Future[PlanReport] | None = None) -> tuple[Job, str]:
+                memory: Future[PlanReport]) -> tuple[Job, str]:
     """With Ray up and the recipe checked (``check_recipe``): settle the plan against any checkpoint,
     then tokenize once, as a Ray task on this node (bad rows raise DataError here). ``memory``: the
-    planner's report when it is already being made (a launch starts it beside Ray's start)."""
+    planner's report, being made since before Ray's start."""
     plan, reason = launch_plan.strategy, launch_plan.reason
     existing = checkpoint.latest(recipe.checkpoint_dir)
     refuse_to_resume(existing, recipe, resume)
@@ -118,7 +118,7 @@ def prepare_job(recipe: Recipe, launch_plan: LaunchPlan, resume: str,
     wandb_run_id = checkpoint.read_meta(existing).get("wandb_run_id") if existing else None
     model_path = modeling.resolve_model_path(recipe.model)
     data_dir = tokenize_task.prepare_on_ray(recipe.data, model_path, seed=recipe.train.seed)
-    report = memory.result() if memory is not None else launch_plan.memory_report(recipe)
+    report = memory.result()
     job = Job(
         recipe=recipe, strategy_plan=plan,
         host_bytes_needed=report.row_for(plan.name).host_bytes * report.workers_per_node,

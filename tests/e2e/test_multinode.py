@@ -13,6 +13,7 @@ import pytest
 
 from tests.conftest import BIN, FAST_HEALTH_CHECKS, RayCluster
 from tests.e2e.conftest import COMMON, FULL, STEPS, read_metrics
+from tunefleet.launcher.training import failures
 
 # Each test spans a multi-node run, a node death (detection, restart) and a replacement: more than the
 # default 600 s per-test limit on a loaded 2-core machine.
@@ -55,7 +56,7 @@ def wait_for_step(out, step: int, proc, timeout_s: float = 300) -> None:
 
 def node_of_rank(cluster, out, rank: int) -> subprocess.Popen:
     """The `ray start` process of the node that runs this rank (its worker is in that node's session)."""
-    pid = json.loads((out / ".workers" / f"rank{rank}.json").read_text())["pid"]
+    pid = json.loads((out / failures.WORKERS_DIR / f"rank{rank}.json").read_text())["pid"]
     return next(node for node in cluster.nodes if os.getsid(pid) == node.pid)
 
 
